@@ -1,0 +1,95 @@
+"""Per-task masked token-mean cross-entropy from hidden states, without the [N, V] logits.
+
+Semantics (PyTorch pseudo-code; ``s = layout.offsets``)::
+
+    logits = h @ W.T                                          # [N, V], never materialised
+    ce = cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    for t in range(T):
+        keep = labels[s[t]:s[t+1]] != -100
+        loss[t] = ce[s[t]:s[t+1]][keep].sum() / max(keep.sum(), 1)
+
+Gradient: ``dh_i = (softmax(logits_i) - onehot(labels_i)) @ W * dloss[t(i)] / count[t(i)]`` for
+kept rows, 0 elsewhere; W (the frozen output layer) gets none. The kernels go over the rows in
+chunks of ``chunk_size``, computing each chunk's logits, its loss and its gradient in the same
+pass, so the logits never take more than ``chunk_size * V`` floats.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ..batch import IGNORE_INDEX
+from ..layout import TaskLayout
+from ._common import FLOAT_DTYPES, check_layout, check_tensor
+
+_OP = "segment_cross_entropy"
+DEFAULT_CHUNK = 1024
+
+
+def segment_cross_entropy_ref(h, W, labels, layout: TaskLayout) -> torch.Tensor:
+    """Plain-PyTorch reference (materialises the logits; differentiable twice)."""
+    logits = (h @ W.T).float()
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    keep = (labels != IGNORE_INDEX).to(ce.dtype)
+    ids = layout.task_ids(h.device).long()
+    T = layout.num_tasks
+    sums = torch.zeros(T, dtype=ce.dtype, device=h.device).index_add(0, ids, ce * keep)
+    counts = torch.zeros(T, dtype=ce.dtype, device=h.device).index_add(0, ids, keep)
+    return sums / counts.clamp(min=1)
+
+
+def _cpu_fwd(h, W, labels, layout, chunk_size):
+    return torch.ops.metakernels.segment_cross_entropy_fwd(
+        h, W, labels, layout.offsets_tensor(h.device), int(chunk_size))
+
+
+def _impl(name: str):
+    if name == "cpu":
+        return _cpu_fwd
+    from ._triton import segment_cross_entropy as tri
+    return tri.fwd
+
+
+class _SegmentCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, labels, layout, chunk_size, backend_name):
+        loss, dh = _impl(backend_name)(h, W, labels, layout, chunk_size)
+        ctx.save_for_backward(dh)
+        ctx.layout = layout
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (dh,) = ctx.saved_tensors
+        ids = ctx.layout.task_ids(dh.device).long()
+        row_scale = dloss.to(dh.dtype)[ids][:, None]
+        return dh * row_scale, None, None, None, None, None
+
+
+def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                          layout: TaskLayout, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per-task token-mean cross-entropy of the next-token targets.
+
+    Args:
+        h: [N, d] final hidden states (N = all tokens of all tasks, grouped by task).
+        W: [V, d] frozen output projection (``model.get_output_embeddings().weight``).
+        labels: [N] int64 target ids, ``-100`` where no loss is taken.
+        layout: ``TaskLayout`` over the N rows.
+        chunk_size: rows per chunk in the kernels (the logits memory is chunk_size * V).
+    Returns:
+        [T] fp32 losses; a task with no target tokens has loss 0.
+    """
+    check_tensor(_OP, "h", h, ndim=2, dtypes=FLOAT_DTYPES)
+    N, d = h.shape
+    check_tensor(_OP, "W", W, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=h.device)
+    check_tensor(_OP, "labels", labels, dtypes=(torch.int64,), shape=(N,), device=h.device)
+    check_layout(_OP, layout, N)
+    if chunk_size < 1:
+        raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
+    if W.requires_grad:
+        raise ValueError(f"{_OP}: W requires grad, but the output layer must be frozen")
+    name = _backend.resolve(h.device)
+    if name == "torch":
+        return segment_cross_entropy_ref(h, W, labels, layout)
+    return _SegmentCrossEntropyFn.apply(h, W, labels, layout, int(chunk_size), name)

@@ -73,12 +73,13 @@ def fused_update_ref(fast, grad, lr, *, optimizer="sgd", state: AdamState | None
         step = state.step + finite.to(state.step.dtype)
         m = torch.where(keep, state.exp_avg * b1 + (1 - b1) * g, state.exp_avg)
         v = torch.where(keep, state.exp_avg_sq * b2 + (1 - b2) * g * g, state.exp_avg_sq)
-        safe_step = torch.clamp(step, min=1.0)[:, None]
-        bc1 = 1 - b1 ** safe_step
-        bc2 = 1 - b2 ** safe_step
+        # bias corrections in float64: 1 - 0.999**step in fp32 cancels to ~1e-4 relative error
+        safe_step = torch.clamp(step, min=1.0).double()[:, None]
+        step_size = (lr_col.double() / (1 - b1 ** safe_step)).to(fast.dtype)
+        bc2_sqrt = (1 - b2 ** safe_step).sqrt().to(fast.dtype)
         new = fast * (1 - lr_col * weight_decay) if weight_decay else fast
-        denom = (v.sqrt() / bc2.sqrt()) + eps
-        new = new - (lr_col / bc1) * m / denom
+        denom = (v.sqrt() / bc2_sqrt) + eps
+        new = new - step_size * m / denom
         state.exp_avg.copy_(m)
         state.exp_avg_sq.copy_(v)
         state.step.copy_(step)

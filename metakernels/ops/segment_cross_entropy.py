@@ -29,7 +29,9 @@ DEFAULT_CHUNK = 1024
 
 def segment_cross_entropy_ref(h, W, labels, layout: TaskLayout) -> torch.Tensor:
     """Plain-PyTorch reference (materialises the logits; differentiable twice)."""
-    logits = (h @ W.T).float()
+    logits = h @ W.T
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     keep = (labels != IGNORE_INDEX).to(ce.dtype)
     ids = layout.task_ids(h.device).long()

@@ -57,7 +57,8 @@ class AdapterBank:
     """
 
     def __init__(self, slots: list[LoraSlot], rank: int, alpha: float, num_tasks: int,
-                 device: torch.device | str = "cpu", dropout: float = 0.0):
+                 device: torch.device | str = "cpu", dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
         if rank < 1:
             raise ValueError(f"AdapterBank: rank must be >= 1, got {rank}")
         if num_tasks < 1:
@@ -69,9 +70,11 @@ class AdapterBank:
         self.dropout = float(dropout)
         self.num_params = sum(s.numel for s in slots)
         P, T = self.num_params, num_tasks
-        self.theta = torch.nn.Parameter(torch.zeros(P, dtype=torch.float32, device=device))
-        self.fast = torch.zeros(T, P, dtype=torch.float32, device=device)
-        self.grad = torch.zeros(T, P, dtype=torch.float32, device=device)
+        # fp32 always for training; float64 only for the reference backend's precision checks
+        self.dtype = dtype
+        self.theta = torch.nn.Parameter(torch.zeros(P, dtype=dtype, device=device))
+        self.fast = torch.zeros(T, P, dtype=dtype, device=device)
+        self.grad = torch.zeros(T, P, dtype=dtype, device=device)
         self.state: AdamState | None = None
         self.active: torch.Tensor | None = None
         self.active_grad: torch.Tensor | None = None
@@ -90,15 +93,15 @@ class AdapterBank:
         """Reallocates the per-task buffers for ``num_tasks`` tasks."""
         if num_tasks != self.num_tasks:
             P, dev = self.num_params, self.device
-            self.fast = torch.zeros(num_tasks, P, dtype=torch.float32, device=dev)
-            self.grad = torch.zeros(num_tasks, P, dtype=torch.float32, device=dev)
+            self.fast = torch.zeros(num_tasks, P, dtype=self.dtype, device=dev)
+            self.grad = torch.zeros(num_tasks, P, dtype=self.dtype, device=dev)
             self.state = None
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's init: ``lora_A`` Kaiming-uniform (a = sqrt(5)) on [r, in], ``lora_B`` zero."""
         with torch.no_grad():
             for s in self.slots:
-                a = torch.empty(s.rank, s.in_features, dtype=torch.float32)
+                a = torch.empty(s.rank, s.in_features, dtype=self.dtype)
                 bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
                 a.uniform_(-bound, bound, generator=generator)
                 self.theta[s.a_slice] = a.T.reshape(-1).to(self.device)
@@ -169,7 +172,7 @@ class AdapterBank:
             if k2.startswith("base_model.model."):
                 k2 = k2[len("base_model.model."):]
             norm[k2] = v
-        flat = torch.empty(self.num_params, dtype=torch.float32)
+        flat = torch.empty(self.num_params, dtype=self.dtype)
         for s in self.slots:
             for part, shape, sl in (("lora_A", (s.rank, s.in_features), s.a_slice),
                                     ("lora_B", (s.out_features, s.rank), s.b_slice)):
@@ -182,5 +185,5 @@ class AdapterBank:
                 if tuple(t.shape) != shape:
                     raise ValueError(f"PEFT adapter tensor {key!r} has shape {tuple(t.shape)}, "
                                      f"the bank expects {shape} (rank {s.rank})")
-                flat[sl] = t.float().T.reshape(-1)
+                flat[sl] = t.to(self.dtype).T.reshape(-1)
         return flat.to(self.device)

@@ -65,6 +65,12 @@ class PackedBatch:
         return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.labels.to(device), self.layout)
 
+    def select(self, t0: int, t1: int) -> "PackedBatch":
+        """Tasks ``t0:t1`` (a view of their rows, same padded length)."""
+        s, e = self.layout.offsets[t0], self.layout.offsets[t1]
+        return PackedBatch(self.input_ids[s:e], self.attention_mask[s:e], self.labels[s:e],
+                           TaskLayout.from_sizes(self.layout.sizes[t0:t1]))
+
     def task(self, t: int) -> "PackedBatch":
         """Task ``t`` alone, cropped to its own longest sequence (what a per-task loop sees)."""
         s, e = self.layout.offsets[t], self.layout.offsets[t + 1]

@@ -83,7 +83,8 @@ def _matches(name: str, targets, output_name: str | None) -> bool:
 
 def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "k_proj",
            "v_proj", "o_proj"), rank: int = 8, alpha: float = 16.0, num_tasks: int = 1,
-           dropout: float = 0.0, init: bool = True) -> AdapterBank:
+           dropout: float = 0.0, init: bool = True, dtype: torch.dtype = torch.float32
+           ) -> AdapterBank:
     """Replaces the matching linear layers of ``model`` with ``MultiLoraLinear`` layers in place,
     freezes every parameter of ``model`` and returns the ``AdapterBank`` holding the adapters.
 
@@ -95,6 +96,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "k
         num_tasks: rows of the bank's fast-weight buffers (changeable later with ``resize``).
         dropout: LoRA dropout on the adapter input, as PEFT applies it (training mode only).
         init: PEFT's initialisation of theta (else zeros).
+        dtype: of the bank's buffers; fp32 (float64 only for precision checks on the reference
+            backend).
     """
     if rank < 1:
         raise ValueError(f"inject: rank must be >= 1, got {rank}")
@@ -121,7 +124,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "k
         slots.append(LoraSlot(name, fin, fout, rank, offset))
         offset += slots[-1].numel
     device = next(model.parameters()).device
-    bank = AdapterBank(slots, rank, alpha, num_tasks, device=device, dropout=dropout)
+    bank = AdapterBank(slots, rank, alpha, num_tasks, device=device, dropout=dropout, dtype=dtype)
     if init:
         bank.reset_parameters()
     for slot, (name, mod) in zip(slots, found):

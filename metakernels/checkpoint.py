@@ -1,0 +1,71 @@
+"""Adapter-only checkpoints: one safetensors file (no pickle) per step, written atomically.
+
+``<run>/checkpoints/step_<N>/checkpoint.safetensors`` holds ``theta`` [P], the outer optimizer's
+state tensors and the RNG states; its metadata holds the config, the step, the scheduler and the
+sampler state as JSON. A checkpoint directory is written under a temporary name, fsynced and
+renamed, so a kill mid-write leaves the previous checkpoint as the latest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILE = "checkpoint.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor],
+                    meta: dict, keep: int = 2) -> Path:
+    """Writes ``step``'s checkpoint atomically and keeps the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    path = tmp / FILE
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+              metadata={"metakernels": json.dumps(meta)})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint directory of ``run_dir``, or None."""
+    root = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if (p / FILE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a checkpoint directory or file."""
+    path = Path(path)
+    file = path / FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}")
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("metakernels", "{}"))
+    return load_file(str(file)), meta

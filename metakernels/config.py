@@ -1,0 +1,285 @@
+"""Run configuration: YAML files plus dotted ``key=value`` overrides, checked before anything
+is loaded. Unknown keys, wrong types and impossible values are rejected with the key's name."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: Union[str, None] = None          # a local Hugging Face causal LM; None: a tiny model
+    family: str = "llama"                  # the tiny model's architecture (no download)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"      # maml switches to "eager" (needs a double backward)
+    trust_remote_code: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: Union[str, list[str]] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    init_adapter: Union[str, None] = None  # a PEFT adapter directory to start theta from
+
+
+@dataclass
+class DataConfig:
+    tasks: str = "builtin"                 # "builtin" or a directory written by metakernels.prepare
+    support_size: int = 8
+    query_size: int = 8
+    max_length: int = 48
+    truncation: str = "error"              # error | left | right
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    apply_chat_template: bool = False
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class MetaConfig:
+    algorithm: str = "fomaml"              # fomaml | maml | reptile | multitask | naive_fomaml
+    meta_batch_size: int = 8
+    num_inner_steps: int = 3
+    inner_lr: float = 0.3
+    inner_optimizer: str = "sgd"           # sgd | adam
+    inner_max_grad_norm: float = 0.0
+    outer_lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"            # cosine | constant
+    task_sampling: str = "uniform"         # uniform | loss
+    task_chunk: int = 0                    # run a meta-batch's tasks in chunks of this many; 0: all
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 200
+    seed: int = 0
+    output_dir: str = "runs"
+    experiment_name: str = "default"
+    log_every: int = 10
+    save_every: int = 50
+    resume: bool = False
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    backend: str = "auto"                  # auto | torch | cpu | triton
+    device: str = "cpu"
+    max_nonfinite_steps: int = 5
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.output_dir) / self.trainer.experiment_name
+
+
+# names the seeds use for the same settings
+ALIASES = {"meta.meta_lr": "meta.outer_lr", "meta.inner_steps": "meta.num_inner_steps"}
+CHOICES = {
+    "model.family": ("llama", "qwen2", "mistral", "gpt2"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "data.truncation": ("error", "left", "right"),
+    "meta.algorithm": ("fomaml", "maml", "reptile", "multitask", "naive_fomaml"),
+    "meta.inner_optimizer": ("sgd", "adam"),
+    "meta.lr_schedule": ("cosine", "constant"),
+    "meta.task_sampling": ("uniform", "loss"),
+    "trainer.backend": ("auto", "torch", "cpu", "triton"),
+}
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """``value`` as type ``tp`` or a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+                    return None
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # a CLI override such as [q_proj,v_proj]
+            value = yaml.safe_load(value) if value.startswith("[") else None
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    key = ALIASES.get(key, key)
+    parts = key.split(".")
+    if len(parts) != 2:
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"{key}: keys are <section>.<name>, sections: {sections}")
+    section, name = parts
+    if section not in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{key}: unknown section {section!r}; sections: "
+                          f"{', '.join(f.name for f in dataclasses.fields(Config))}")
+    obj = getattr(cfg, section)
+    types = _section_types(type(obj))
+    if name not in types:
+        raise ConfigError(f"{key}: unknown key; {section} has {', '.join(sorted(types))}")
+    setattr(obj, name, _coerce(key, value, types[name]))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in key:
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The default config, updated by the YAML file at ``path`` and then by ``key=value``
+    overrides (values parsed as YAML scalars), then validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for key, value in _flatten(data):
+            try:
+                _apply(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. meta.inner_lr=0.1)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _apply(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Rejects impossible values before any model or data is loaded."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+    m, d, me, tr = cfg.model, cfg.data, cfg.meta, cfg.trainer
+    positive = {"model.lora_rank": m.lora_rank, "model.hidden_size": m.hidden_size,
+                "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+                "model.num_kv_heads": m.num_kv_heads, "model.intermediate_size": m.intermediate_size,
+                "model.lora_alpha": m.lora_alpha, "data.support_size": d.support_size,
+                "data.query_size": d.query_size, "data.max_length": d.max_length,
+                "meta.meta_batch_size": me.meta_batch_size, "meta.inner_lr": me.inner_lr,
+                "meta.outer_lr": me.outer_lr, "trainer.total_steps": tr.total_steps,
+                "trainer.log_every": tr.log_every, "trainer.save_every": tr.save_every}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    non_negative = {"meta.num_inner_steps": me.num_inner_steps,
+                    "meta.inner_max_grad_norm": me.inner_max_grad_norm,
+                    "meta.weight_decay": me.weight_decay, "meta.max_grad_norm": me.max_grad_norm,
+                    "meta.warmup_steps": me.warmup_steps, "meta.task_chunk": me.task_chunk,
+                    "trainer.max_nonfinite_steps": tr.max_nonfinite_steps}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {m.lora_dropout}")
+    if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size}, model.num_heads={m.num_heads}, "
+                          f"model.num_kv_heads={m.num_kv_heads}: hidden_size must divide by "
+                          f"num_heads and num_heads by num_kv_heads")
+    if isinstance(m.target_modules, list) and not m.target_modules:
+        raise ConfigError("model.target_modules: empty list; give module names or 'all-linear'")
+    bad = [x for x in tr.loggers if x not in LOGGERS]
+    if bad:
+        raise ConfigError(f"trainer.loggers: unknown {bad}; choose from {', '.join(LOGGERS)}")
+    if me.algorithm == "maml":
+        if me.inner_optimizer != "sgd":
+            raise ConfigError("meta.inner_optimizer: second-order maml differentiates through "
+                              "plain SGD inner steps; use sgd (or algorithm=fomaml with adam)")
+        if tr.backend not in ("auto", "torch"):
+            raise ConfigError(f"trainer.backend={tr.backend}: maml runs on the torch reference "
+                              f"backend (the kernels have no double backward)")
+    if me.algorithm == "reptile" and me.num_inner_steps == 0:
+        raise ConfigError("meta.num_inner_steps: reptile needs at least one inner step")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

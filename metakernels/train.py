@@ -1,0 +1,433 @@
+"""``python -m metakernels.train [--config FILE] [key=value ...]``: meta-train a LoRA adapter.
+
+With no arguments: a tiny Llama-architecture model built from a config (random, frozen), the
+built-in procedural tasks, FOMAML over a LoRA bank (Meta-LoRA), a run of about two minutes on
+two CPU cores. Under ``torchrun --nproc_per_node=N`` the tasks of each meta-batch are split
+across the processes and the flat meta-gradient is all-reduced once per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import backend as _backend
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, dump_config, load_config
+from .lora import inject
+from .meta import (InnerConfig, PeftAdapterIO, fomaml_step, maml_step, make_peft_model,
+                   multitask_step, naive_step, reptile_step)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many meta-steps in a row had a non-finite meta-gradient."""
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_tokenizer(cfg: Config):
+    from .data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_tasks(cfg: Config, tokenizer, split: str = "train"):
+    """The training (or held-out) tasks named by ``data.tasks``."""
+    from .data.loader import load_task_dir
+    from .data.tasks import builtin_tasks
+
+    d = cfg.data
+    if d.tasks == "builtin":
+        return builtin_tasks(split)
+    root = Path(d.tasks)
+    if split != "train":
+        root = root.parent / f"{root.name}_{split}" if not (root / split).is_dir() else root / split
+    return load_task_dir(root, tokenizer, max_length=d.max_length, truncation=d.truncation,
+                         apply_chat_template=d.apply_chat_template, prompt_key=d.prompt_key,
+                         response_key=d.response_key, skip_bad=d.skip_bad_rows)
+
+
+def build_model(cfg: Config, vocab_size: int):
+    """The frozen base: a local checkpoint (``model.path``) or a tiny random model."""
+    m = cfg.model
+    attn = "eager" if cfg.meta.algorithm == "maml" else m.attn_implementation
+    if m.path is not None:
+        from transformers import AutoModelForCausalLM
+
+        if not Path(m.path).exists():
+            raise FileNotFoundError(f"model.path={m.path} does not exist (models are loaded from "
+                                    f"a local directory; nothing is downloaded)")
+        model = AutoModelForCausalLM.from_pretrained(
+            m.path, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code,
+            attn_implementation=attn, local_files_only=True)
+    else:
+        from .models import build_tiny_model
+
+        model = build_tiny_model(m.family, seed=cfg.trainer.seed, dtype=DTYPES[m.dtype],
+                                 vocab_size=vocab_size, hidden_size=m.hidden_size,
+                                 num_layers=m.num_layers, num_heads=m.num_heads,
+                                 num_kv_heads=m.num_kv_heads,
+                                 intermediate_size=m.intermediate_size,
+                                 attn_implementation=attn)
+    return model.to(cfg.trainer.device).eval()
+
+
+def lr_lambda(cfg: Config):
+    me, total = cfg.meta, cfg.trainer.total_steps
+
+    def f(step: int) -> float:
+        if step < me.warmup_steps:
+            return (step + 1) / (me.warmup_steps + 1)
+        if me.lr_schedule == "constant":
+            return 1.0
+        progress = (step - me.warmup_steps) / max(1, total - me.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------- loggers
+class Loggers:
+    """console, jsonl (always written by rank 0), tensorboard and wandb (offline) if installed."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.names = cfg.trainer.loggers
+        self.tb = self.wandb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        path = run_dir / "metrics.jsonl"
+        if start_step > 0 and path.exists():  # drop lines past the checkpoint we resume from
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) < start_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif path.exists():
+            path.unlink()
+        if "jsonl" in self.names:
+            self.jsonl = open(path, "a", encoding="utf-8")
+        if "tensorboard" in self.names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("trainer.loggers has tensorboard but it is not installed; skipped")
+        if "wandb" in self.names:
+            try:
+                import wandb
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self.wandb = wandb.init(project="metakernels", name=cfg.trainer.experiment_name,
+                                        dir=str(run_dir), config=cfg.to_dict())
+            except ImportError:
+                warnings.warn("trainer.loggers has wandb but it is not installed; skipped")
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(metrics) + "\n")
+            self.jsonl.flush()
+        step = metrics["step"]
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: Config):
+        from .data.sampler import TaskSampler
+        from . import distributed as dist
+
+        self.cfg = cfg
+        self.rank, self.world_size = dist.init_from_env(cfg)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        torch.manual_seed(cfg.trainer.seed)
+        random.seed(cfg.trainer.seed)
+        if cfg.trainer.backend != "auto":
+            os.environ[_backend.ENV_VAR] = cfg.trainer.backend
+        self.tokenizer = build_tokenizer(cfg)
+        self.tasks = build_tasks(cfg, self.tokenizer)
+        if cfg.meta.meta_batch_size > len(self.tasks):
+            raise ConfigError(f"meta.meta_batch_size={cfg.meta.meta_batch_size} but only "
+                              f"{len(self.tasks)} training tasks exist")
+        if cfg.meta.meta_batch_size < self.world_size:
+            raise ConfigError(f"meta.meta_batch_size={cfg.meta.meta_batch_size} is smaller than "
+                              f"the {self.world_size} processes: every process needs a task")
+        self.sampler = TaskSampler(
+            self.tasks, meta_batch_size=cfg.meta.meta_batch_size,
+            support_size=cfg.data.support_size, query_size=cfg.data.query_size,
+            seed=cfg.trainer.seed, tokenizer=self.tokenizer, max_length=cfg.data.max_length,
+            apply_chat_template=cfg.data.apply_chat_template, weighting=cfg.meta.task_sampling)
+        self.model = build_model(cfg, len(self.tokenizer))
+        m = cfg.model
+        oracle_base = None
+        if cfg.meta.algorithm == "naive_fomaml":
+            import copy
+            oracle_base = copy.deepcopy(self.model)
+        self.bank = inject(self.model, m.target_modules if m.target_modules != ["all-linear"]
+                           else "all-linear", rank=m.lora_rank, alpha=m.lora_alpha,
+                           num_tasks=cfg.meta.meta_batch_size, dropout=m.lora_dropout)
+        if m.lora_dropout > 0:
+            self.model.train()  # dropout on the LoRA input, as PEFT applies it
+        if m.init_adapter:
+            from .export import load_peft_adapter
+            with torch.no_grad():
+                self.bank.theta.copy_(self.bank.flat_from_peft(load_peft_adapter(m.init_adapter)))
+        if oracle_base is not None:
+            self.peft_model = make_peft_model(oracle_base, self.bank)
+            self.peft_io = PeftAdapterIO(self.peft_model, self.bank.slots)
+        dist.check_same_config(cfg, self.bank)
+        self.optimizer = torch.optim.AdamW([self.bank.theta], lr=cfg.meta.outer_lr,
+                                           weight_decay=cfg.meta.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.inner = InnerConfig(lr=cfg.meta.inner_lr, num_steps=cfg.meta.num_inner_steps,
+                                 optimizer=cfg.meta.inner_optimizer,
+                                 max_grad_norm=cfg.meta.inner_max_grad_norm)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.history: list[dict] = []
+
+    # -- one meta-step ----------------------------------------------------------------------
+    def _local_step(self, support, query):
+        algo = self.cfg.meta.algorithm
+        chunk = self.cfg.meta.task_chunk
+        if algo in ("fomaml", "reptile") and chunk and support.num_tasks > chunk:
+            from .meta.chunked import chunked_step
+            return chunked_step(algo, self.model, self.bank, support, query, self.inner, chunk)
+        if algo == "fomaml":
+            return fomaml_step(self.model, self.bank, support, query, self.inner)
+        if algo == "reptile":
+            return reptile_step(self.model, self.bank, support, query, self.inner)
+        if algo == "maml":
+            return maml_step(self.model, self.bank, support, query, self.inner)
+        if algo == "multitask":
+            return multitask_step(self.model, self.bank, support, query)
+        return naive_step(self.peft_model, self.peft_io, self.bank.theta.detach(), support,
+                          query, self.inner)
+
+    def train_step(self) -> dict:
+        from . import distributed as dist
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = self.sampler.sample(self.step, self.rank, self.world_size)
+        support = batch.support.to(cfg.trainer.device)
+        query = batch.query.to(cfg.trainer.device)
+        res = self._local_step(support, query)
+        T_all = cfg.meta.meta_batch_size
+        first = T_all * self.rank // self.world_size
+        red = dist.reduce_step(res, first, T_all, self.world_size)
+        meta_grad = red.meta_grad
+        grad_norm = float(torch.linalg.vector_norm(meta_grad))
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = not math.isfinite(grad_norm) or red.num_kept == 0
+        if skipped:
+            self.nonfinite_in_a_row += 1
+            warnings.warn(f"step {self.step}: non-finite meta-gradient (or every task dropped); "
+                          f"the step is skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row > cfg.trainer.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} meta-steps in a row had a non-finite "
+                    f"meta-gradient (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}"
+                    f"); stopping. The last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        else:
+            self.nonfinite_in_a_row = 0
+            if cfg.meta.max_grad_norm > 0:
+                meta_grad = meta_grad * min(1.0, cfg.meta.max_grad_norm / (grad_norm + 1e-6))
+            self.bank.theta.grad = meta_grad.to(self.bank.theta.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        names = self.sampler.tasks_for_step(self.step)
+        self.sampler.update_losses(names, red.query_losses.tolist())
+        dt = time.perf_counter() - t0
+        tokens = (int(batch.support.attention_mask.sum()) * max(1, self.inner.num_steps)
+                  + int(batch.query.attention_mask.sum())) * self.world_size
+        keep = red.kept
+        sl_after, ql = red.support_losses_last[keep], red.query_losses[keep]
+        metrics = {"step": self.step,
+                   "stage2/meta_loss": float(ql.mean()) if keep.any() else float("nan"),
+                   "stage1/loss_before": float(red.support_losses_first[keep].mean())
+                   if keep.any() else float("nan"),
+                   "stage1/loss_after": float(sl_after.mean()) if keep.any() else float("nan"),
+                   "adaptation_gap": float((ql - sl_after).mean()) if keep.any() else float("nan"),
+                   "meta_grad_norm": grad_norm, "outer_lr": lr,
+                   "dropped_tasks": int((~keep).sum()), "skipped": skipped,
+                   "time_per_step": dt, "tokens_per_s": tokens / dt,
+                   "peak_memory_mb": peak_rss_mb()}
+        for n, v in zip(names, red.support_losses_last.tolist()):
+            metrics[f"stage1/{n}/loss"] = v
+        self.step += 1
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {"theta": self.bank.theta.detach(), "rng/torch": torch.get_rng_state()}
+        st = self.optimizer.state.get(self.bank.theta, {})
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            if k in st:
+                t[f"outer/{k}"] = torch.as_tensor(st[k]).reshape(-1) if k == "step" else st[k]
+        return t
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        meta = {"step": self.step, "config": self.cfg.to_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "python_rng": repr(random.getstate()),
+                "slots": [[s.name, s.in_features, s.out_features] for s in self.bank.slots],
+                "rank": self.bank.rank, "alpha": self.bank.alpha}
+        return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        tensors, meta = load_checkpoint(ckpt)
+        if tensors["theta"].shape != self.bank.theta.shape:
+            raise ValueError(f"{ckpt}: theta has {tensors['theta'].numel()} values, this run's "
+                             f"adapters have {self.bank.num_params} (model or LoRA settings "
+                             f"differ from the checkpoint's)")
+        with torch.no_grad():
+            self.bank.theta.copy_(tensors["theta"])
+        if "outer/exp_avg" in tensors:
+            self.optimizer.state[self.bank.theta] = {
+                "exp_avg": tensors["outer/exp_avg"].clone(),
+                "exp_avg_sq": tensors["outer/exp_avg_sq"].clone(),
+                "step": tensors["outer/step"].reshape(()).clone()}
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.sampler.load_state_dict(meta["sampler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        self.step = int(meta["step"])
+        self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        resumed = cfg.trainer.resume and self.resume()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        loggers = Loggers(cfg, self.run_dir, self.is_main, self.step if resumed else 0)
+        bar = None
+        if self.is_main and cfg.trainer.progress_bar and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.trainer.total_steps, initial=self.step, desc="meta-train",
+                       dynamic_ncols=True, file=sys.stderr)
+        try:
+            while self.step < cfg.trainer.total_steps:
+                m = self.train_step()
+                loggers.log(m)
+                self.history.append(m)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(meta_loss=f"{m['stage2/meta_loss']:.3f}",
+                                    s_per_step=f"{m['time_per_step']:.2f}")
+                if self.is_main and "console" in cfg.trainer.loggers and (
+                        m["step"] % cfg.trainer.log_every == 0
+                        or self.step == cfg.trainer.total_steps):
+                    msg = (f"step {m['step']:5d} | meta_loss {m['stage2/meta_loss']:.4f} | "
+                           f"support {m['stage1/loss_before']:.4f} -> "
+                           f"{m['stage1/loss_after']:.4f} | gap {m['adaptation_gap']:+.4f} | "
+                           f"{m['time_per_step']:.2f} s/step | {m['tokens_per_s']:.0f} tok/s")
+                    (bar.write(msg) if bar is not None else print(msg, flush=True))
+                if self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.total_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            loggers.close()
+        if self.is_main:
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+        return self.history
+
+
+def plot_metrics(jsonl: Path, png: Path) -> None:
+    """Loss curves (stage-1 support loss before/after adaptation, stage-2 meta loss) to PNG."""
+    if not jsonl.exists():
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("stage1/loss_before", "support loss at theta (before adaptation)"),
+                       ("stage1/loss_after", "support loss, last inner step"),
+                       ("stage2/meta_loss", "query loss after adaptation (meta loss)")):
+        ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("token-mean cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metakernels.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (sections model, data, meta, trainer)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_lr=0.1")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg)
+    try:
+        hist = trainer.train()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from . import distributed as dist
+        dist.shutdown()
+    if trainer.is_main and hist:
+        k = max(1, len(hist) // 10)
+        first = sum(h["stage2/meta_loss"] for h in hist[:k]) / k
+        last = sum(h["stage2/meta_loss"] for h in hist[-k:]) / k
+        print(f"done: meta_loss {first:.4f} (first {k} steps) -> {last:.4f} (last {k} steps); "
+              f"run directory {trainer.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,8 @@ import torch
 
 from ..layout import TaskLayout
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 for precision checks on the reference backend; the kernels take fp32/bf16/fp16
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def describe(t: torch.Tensor) -> str:

@@ -1,0 +1,223 @@
+"""Built-in procedural tasks: each task is a hidden rule from a random input string to an output.
+
+A task is named after its family and parameters (``caesar_3``, ``base_10_to_7``, ``rotate_2``,
+``reverse``); ``get_task(name)`` builds any valid member of a family, ``builtin_tasks(split)``
+returns the fixed train or held-out set. Every prompt is the input followed by ``SEPARATOR``
+(``"qxf>"``) and the response is the rule's output, so a model can only tell tasks apart from
+their support examples: what the meta-learner has to learn is to adapt fast. Held-out tasks are
+other members of the training families (unseen shifts, bases, strides, substitution tables).
+
+Inputs are 3 to 8 characters (base-conversion inputs are capped so that outputs stay within 20
+digits); with the character tokenizer every sequence is at most 31 tokens with BOS and EOS.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Callable
+
+SEPARATOR = ">"
+DIGITS = string.digits + "abcdef"
+
+TRAIN_TASK_NAMES = (
+    "caesar_1", "caesar_2", "caesar_3", "caesar_4", "caesar_6", "caesar_7", "caesar_9",
+    "caesar_10", "caesar_13", "caesar_20",
+    "subst_0", "subst_1", "subst_2", "subst_3",
+    "base_10_to_2", "base_10_to_3", "base_10_to_4", "base_10_to_5", "base_10_to_8",
+    "base_10_to_16", "base_2_to_10", "base_3_to_10", "base_8_to_10", "base_16_to_10",
+    "base_2_to_16", "base_16_to_2",
+    "rotate_1", "rotate_2", "rotate_4",
+    "repeat_2", "repeat_3",
+    "every_2", "every_3",
+    "reverse", "swapcase", "sort", "mirror",
+)
+HELDOUT_TASK_NAMES = (
+    "caesar_5", "caesar_8", "caesar_15",
+    "subst_100", "subst_101",
+    "base_10_to_7", "base_7_to_10", "base_4_to_16",
+    "rotate_3",
+    "repeat_4",
+    "every_4",
+)
+
+
+@dataclass(frozen=True)
+class ProceduralTask:
+    """One hidden rule. ``make_input(rng)`` draws an input string, ``rule`` maps it to the output.
+
+    Both are pure functions of their arguments (``functools.partial`` of module functions, so a
+    task pickles), which makes ``sample`` deterministic given the state of ``rng``.
+    """
+
+    name: str
+    family: str
+    rule: Callable[[str], str]
+    make_input: Callable[[random.Random], str]
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        """One ``(prompt, response)`` pair."""
+        x = self.make_input(rng)
+        return x + SEPARATOR, self.rule(x)
+
+    def sample_distinct(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
+        """``n`` pairs with pairwise distinct prompts (so support and query never share one)."""
+        seen: dict[str, str] = {}
+        attempts = 0
+        max_attempts = 50 * n + 100
+        while len(seen) < n:
+            if attempts == max_attempts:
+                raise ValueError(
+                    f"task {self.name!r}: only {len(seen)} distinct inputs in {attempts} draws, "
+                    f"{n} were asked for; the task's input space is too small for this many "
+                    f"examples")
+            prompt, response = self.sample(rng)
+            seen.setdefault(prompt, response)
+            attempts += 1
+        return list(seen.items())
+
+
+def _random_string(rng: random.Random, alphabet: str, min_len: int, max_len: int) -> str:
+    n = rng.randint(min_len, max_len)
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def _random_number(rng: random.Random, base: int, min_len: int, max_len: int) -> str:
+    n = rng.randint(min_len, max_len)
+    return rng.choice(DIGITS[1:base]) + "".join(rng.choice(DIGITS[:base]) for _ in range(n - 1))
+
+
+def _translate(table: dict[int, str], x: str) -> str:
+    return x.translate(table)
+
+
+def _convert_base(src: int, dst: int, x: str) -> str:
+    value = int(x, src)
+    out = []
+    while value:
+        value, digit = divmod(value, dst)
+        out.append(DIGITS[digit])
+    return "".join(reversed(out)) or "0"
+
+
+def _rotate(k: int, x: str) -> str:
+    k %= len(x)
+    return x[k:] + x[:k]
+
+
+def _repeat(k: int, x: str) -> str:
+    return "".join(c * k for c in x)
+
+
+def _every(k: int, x: str) -> str:
+    return x[::k]
+
+
+def _reverse(x: str) -> str:
+    return x[::-1]
+
+
+def _swapcase(x: str) -> str:
+    return x.swapcase()
+
+
+def _sort(x: str) -> str:
+    return "".join(sorted(x))
+
+
+def _mirror(x: str) -> str:
+    return x + x[::-1]
+
+
+_LOWER = string.ascii_lowercase
+_lowercase_input = functools.partial(_random_string, alphabet=_LOWER, min_len=3, max_len=8)
+
+
+def _check_range(name: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"task {name!r}: parameter {value} is outside [{lo}, {hi}]")
+
+
+def _caesar(name: str, k: int) -> ProceduralTask:
+    _check_range(name, k, 1, 25)
+    table = str.maketrans(_LOWER, _LOWER[k:] + _LOWER[:k])
+    return ProceduralTask(name, "caesar", functools.partial(_translate, table), _lowercase_input)
+
+
+def _subst(name: str, seed: int) -> ProceduralTask:
+    letters = list(_LOWER)
+    random.Random(seed).shuffle(letters)
+    table = str.maketrans(_LOWER, "".join(letters))
+    return ProceduralTask(name, "subst", functools.partial(_translate, table), _lowercase_input)
+
+
+def _base(name: str, src: int, dst: int) -> ProceduralTask:
+    _check_range(name, src, 2, 16)
+    _check_range(name, dst, 2, 16)
+    if src == dst:
+        raise ValueError(f"task {name!r}: source and target base are both {src}")
+    # inputs below 2**20, so that even a base-2 output has at most 20 digits
+    max_len = min(8, int(20 / math.log2(src)))
+    make_input = functools.partial(_random_number, base=src, min_len=3, max_len=max_len)
+    return ProceduralTask(name, "base", functools.partial(_convert_base, src, dst), make_input)
+
+
+def _rotate_task(name: str, k: int) -> ProceduralTask:
+    _check_range(name, k, 1, 7)
+    return ProceduralTask(name, "rotate", functools.partial(_rotate, k), _lowercase_input)
+
+
+def _repeat_task(name: str, k: int) -> ProceduralTask:
+    _check_range(name, k, 2, 4)
+    make_input = functools.partial(_random_string, alphabet=_LOWER, min_len=3, max_len=16 // k)
+    return ProceduralTask(name, "repeat", functools.partial(_repeat, k), make_input)
+
+
+def _every_task(name: str, k: int) -> ProceduralTask:
+    _check_range(name, k, 2, 5)
+    return ProceduralTask(name, "every", functools.partial(_every, k), _lowercase_input)
+
+
+_FIXED = {
+    "reverse": lambda name: ProceduralTask(name, "reverse", _reverse, _lowercase_input),
+    "swapcase": lambda name: ProceduralTask(
+        name, "swapcase", _swapcase,
+        functools.partial(_random_string, alphabet=string.ascii_letters, min_len=3, max_len=8)),
+    "sort": lambda name: ProceduralTask(name, "sort", _sort, _lowercase_input),
+    "mirror": lambda name: ProceduralTask(
+        name, "mirror", _mirror,
+        functools.partial(_random_string, alphabet=_LOWER, min_len=3, max_len=6)),
+}
+_PARAMETRIC = (
+    (re.compile(r"caesar_(\d+)"), _caesar),
+    (re.compile(r"subst_(\d+)"), _subst),
+    (re.compile(r"base_(\d+)_to_(\d+)"), _base),
+    (re.compile(r"rotate_(\d+)"), _rotate_task),
+    (re.compile(r"repeat_(\d+)"), _repeat_task),
+    (re.compile(r"every_(\d+)"), _every_task),
+)
+FAMILY_PATTERNS = tuple(sorted(_FIXED)) + (
+    "caesar_K", "subst_SEED", "base_A_to_B", "rotate_K", "repeat_K", "every_K")
+
+
+def get_task(name: str) -> ProceduralTask:
+    """The procedural task called ``name`` (any member of a family, not only the built-in ones)."""
+    if name in _FIXED:
+        return _FIXED[name](name)
+    for pattern, build in _PARAMETRIC:
+        match = pattern.fullmatch(name)
+        if match:
+            return build(name, *(int(g) for g in match.groups()))
+    raise ValueError(f"unknown procedural task {name!r}; names look like: "
+                     f"{', '.join(FAMILY_PATTERNS)}")
+
+
+def builtin_tasks(split: str) -> list[ProceduralTask]:
+    """The built-in ``"train"`` (37 tasks) or ``"heldout"`` (11 tasks) set; the two are disjoint."""
+    names = {"train": TRAIN_TASK_NAMES, "heldout": HELDOUT_TASK_NAMES}.get(split)
+    if names is None:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [get_task(n) for n in names]

@@ -323,6 +323,8 @@ class Trainer:
                 "exp_avg_sq": tensors["outer/exp_avg_sq"].clone(),
                 "step": tensors["outer/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # load_state_dict restores the schedule, not the optimizer's lr
         self.sampler.load_state_dict(meta["sampler"])
         torch.set_rng_state(tensors["rng/torch"])
         self.step = int(meta["step"])

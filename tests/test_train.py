@@ -1,0 +1,117 @@
+"""The trainer end to end: config checks, a short default run, export to PEFT, exact resume."""
+import json
+
+import pytest
+import torch
+
+from metakernels import train
+from metakernels.checkpoint import latest_checkpoint, load_checkpoint
+from metakernels.config import ConfigError, load_config
+from metakernels.export import export_checkpoint
+
+SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
+         "meta.meta_batch_size=3", "data.support_size=2", "data.query_size=2",
+         "meta.num_inner_steps=2", "trainer.log_every=1", "trainer.progress_bar=false"]
+
+
+def _run(tmp_path, *overrides, name="run"):
+    args = SMALL + [f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}",
+                    *overrides]
+    assert train.main(args) == 0
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("meta.inner_lrr=0.1", "meta.inner_lrr: unknown key"),
+    ("model.lora_rank=0", "model.lora_rank: must be > 0"),
+    ("meta.inner_lr=-1", "meta.inner_lr: must be > 0"),
+    ("meta.inner_lr=fast", "meta.inner_lr: expected a number"),
+    ("data.support_size=0", "data.support_size: must be > 0"),
+    ("trainer.resume=maybe", "trainer.resume: expected true or false"),
+    ("meta.algorithm=maml2", "meta.algorithm: 'maml2' is not one of"),
+    ("nosection.x=1", "unknown section"),
+])
+def test_bad_config_is_rejected_with_the_key(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [bad])
+
+
+def test_config_file_and_aliases(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("meta:\n  meta_lr: 1e-4\n  inner_lr: 0.05\nmodel:\n  target_modules: all-linear\n")
+    cfg = load_config(p, ["meta.num_inner_steps=7"])
+    assert cfg.meta.outer_lr == 1e-4 and cfg.meta.inner_lr == 0.05
+    assert cfg.meta.num_inner_steps == 7 and cfg.model.target_modules == "all-linear"
+    p.write_text("meta:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: meta.bogus: unknown key"):
+        load_config(p)
+
+
+def test_too_many_tasks_per_meta_batch_is_rejected_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("model was loaded"))
+    with pytest.raises(ConfigError, match="meta_batch_size=500 but only"):
+        train.Trainer(load_config(None, SMALL + ["meta.meta_batch_size=500",
+                                                 f"trainer.output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "reptile", "maml", "multitask", "naive_fomaml"])
+def test_every_algorithm_runs_and_writes_outputs(tmp_path, algorithm):
+    run = _run(tmp_path, f"meta.algorithm={algorithm}", "trainer.total_steps=3",
+               "trainer.save_every=2")
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for key in ("stage2/meta_loss", "adaptation_gap", "time_per_step", "tokens_per_s",
+                    "peak_memory_mb"):
+            assert key in r
+        assert any(k.startswith("stage1/") and k.endswith("/loss") for k in r)
+        assert r["stage2/meta_loss"] == r["stage2/meta_loss"]  # not NaN
+    assert (run / "loss_curve.png").stat().st_size > 0
+    tensors, meta = load_checkpoint(latest_checkpoint(run))
+    assert meta["step"] == 3 and tensors["theta"].dtype == torch.float32
+
+
+def test_export_loads_in_peft_with_the_same_logits(tmp_path):
+    from peft import PeftModel
+
+    run = _run(tmp_path, "trainer.total_steps=2", "model.target_modules=all-linear")
+    out = export_checkpoint(run, tmp_path / "adapter")
+    cfg = load_config(run / "config.yaml")
+    tok = train.build_tokenizer(cfg)
+    peft_model = PeftModel.from_pretrained(train.build_model(cfg, len(tok)), str(out))
+    t = train.Trainer(cfg)
+    assert t.resume()
+    ids = torch.randint(0, len(tok), (2, 9))
+    from metakernels import TaskLayout
+    with torch.no_grad():
+        with t.bank.activate(t.bank.theta[None], TaskLayout((0, ids.numel()))):
+            ours = t.model(input_ids=ids).logits
+        theirs = peft_model(input_ids=ids).logits
+        bare = t.model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bare, theirs, atol=1e-4)  # the adapter is really non-trivial
+
+
+def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
+    common = ["trainer.total_steps=6", "trainer.save_every=3", "meta.inner_optimizer=adam",
+              "model.lora_dropout=0.1", "meta.task_sampling=loss"]
+    full = _run(tmp_path, *common, name="full")
+    # the same run interrupted after its step-3 checkpoint, then resumed
+    real_step = train.Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, *common, name="broken")
+    monkeypatch.setattr(train.Trainer, "train_step", real_step)
+    broken = _run(tmp_path, *common, "trainer.resume=true", name="broken")
+    a = load_checkpoint(latest_checkpoint(full))[0]
+    b = load_checkpoint(latest_checkpoint(broken))[0]
+    assert torch.equal(a["theta"], b["theta"])
+    assert torch.equal(a["outer/exp_avg_sq"], b["outer/exp_avg_sq"])
+    steps = [json.loads(ln)["step"] for ln in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))

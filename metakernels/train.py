@@ -265,6 +265,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         names = self.sampler.tasks_for_step(self.step)
+        if not skipped and red.num_kept < len(names):
+            dropped = [n for n, k in zip(names, red.kept.tolist()) if not k]
+            warnings.warn(f"step {self.step}: tasks {dropped} dropped from the meta-step "
+                          f"(non-finite inner loss or gradient)")
         self.sampler.update_losses(names, red.query_losses.tolist())
         dt = time.perf_counter() - t0
         tokens = (int(batch.support.attention_mask.sum()) * max(1, self.inner.num_steps)

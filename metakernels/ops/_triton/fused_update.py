@@ -1,0 +1,165 @@
+"""Triton kernels of ``fused_update``: per-task clip + SGD/Adam(W) over the whole [T, P] bank.
+
+Semantics (PyTorch pseudo-code, for every task t; ``g = grad[t]``)::
+
+    norm[t] = ||g||_2;  finite[t] = isfinite(norm[t])
+    if not finite[t]: continue                   # fast[t] and its Adam state are not written
+    coef = min(1, max_grad_norm / (norm[t] + 1e-6)) if max_grad_norm > 0 else 1
+    g = coef * g
+    sgd:   g = g + weight_decay * fast[t];  fast[t] -= lr[t] * g
+    adam:  step[t] += 1
+           fast[t] *= 1 - lr[t] * weight_decay
+           m[t] = beta1 m[t] + (1 - beta1) g;  v[t] = beta2 v[t] + (1 - beta2) g^2
+           fast[t] -= lr[t] / (1 - beta1^step) * m[t] / (sqrt(v[t]) / sqrt(1 - beta2^step) + eps)
+
+Three launches, deterministic (no atomics): per-(task, block) sums of squares, per-task norm /
+finiteness / clip coefficient, then one elementwise pass that reads and writes every element
+once. There are no gradients: the update runs under ``torch.no_grad``.
+``fused_update`` has exactly the semantics of ``fused_update_ref`` in
+``metakernels/ops/fused_update.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_P = 1024
+_EPS_CLIP = 1e-6
+
+
+@triton.jit
+def _sumsq_partial_kernel(grad_ptr, partial_ptr, P, stride_gt, stride_gp, stride_pt,
+                          BLOCK: tl.constexpr):
+    """``partial[t, b] = sum(grad[t, b*BLOCK:(b+1)*BLOCK] ** 2)`` in fp32.
+    Grid: (cdiv(P, BLOCK), T)."""
+    pid_p = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    cols = pid_p * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(grad_ptr + t * stride_gt + cols * stride_gp, mask=cols < P, other=0.0)
+    g = g.to(tl.float32)
+    tl.store(partial_ptr + t * stride_pt + pid_p, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _task_norm_kernel(partial_ptr, norm_ptr, finite_ptr, coef_ptr, NB, stride_pt, max_norm,
+                      eps_clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """Per task: ``norm = sqrt(sum(partial[t]))``, ``finite = isfinite(norm)``,
+    ``coef = min(1, max_norm / (norm + eps_clip))`` (1 without clipping, 0 if not finite).
+    Grid: (T,)."""
+    t = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b0 in range(0, NB, BLOCK):
+        bs = b0 + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + t.to(tl.int64) * stride_pt + bs, mask=bs < NB, other=0.0)
+    norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    finite = (norm == norm) & (norm < float("inf"))  # NaN != NaN; +Inf is the other case
+    if CLIP:
+        coef = tl.minimum(max_norm / (norm + eps_clip), 1.0)
+    else:
+        coef = 1.0
+    tl.store(norm_ptr + t, norm)
+    tl.store(finite_ptr + t, finite.to(tl.int8))
+    tl.store(coef_ptr + t, tl.where(finite, coef, 0.0))
+
+
+@triton.jit
+def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, P, weight_decay,
+                stride_ft, stride_fp, stride_gt, stride_gp,
+                WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+    """``fast[t] -= lr[t] * (coef[t] * grad[t] + weight_decay * fast[t])`` where finite[t].
+    Grid: (cdiv(P, BLOCK), T)."""
+    pid_p = tl.program_id(0)
+    t = tl.program_id(1)
+    if tl.load(finite_ptr + t) == 0:
+        return
+    t64 = t.to(tl.int64)
+    cols = pid_p * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < P
+    f_ptrs = fast_ptr + t64 * stride_ft + cols * stride_fp
+    w = tl.load(f_ptrs, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + t64 * stride_gt + cols * stride_gp, mask=mask, other=0.0)
+    g = g * tl.load(coef_ptr + t)
+    if WEIGHT_DECAY:
+        g = g + weight_decay * w
+    tl.store(f_ptrs, w - tl.load(lr_ptr + t) * g, mask=mask)
+
+
+@triton.jit
+def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, finite_ptr,
+                 coef_ptr, P, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+                 stride_ft, stride_fp, stride_gt, stride_gp, stride_mt, stride_mp,
+                 stride_vt, stride_vp,
+                 WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+    """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step``,
+    ``bc2[t] = 1 - beta2^step`` at the new step (see the module docstring).
+    Grid: (cdiv(P, BLOCK), T)."""
+    pid_p = tl.program_id(0)
+    t = tl.program_id(1)
+    if tl.load(finite_ptr + t) == 0:
+        return
+    t64 = t.to(tl.int64)
+    cols = pid_p * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < P
+    f_ptrs = fast_ptr + t64 * stride_ft + cols * stride_fp
+    m_ptrs = m_ptr + t64 * stride_mt + cols * stride_mp
+    v_ptrs = v_ptr + t64 * stride_vt + cols * stride_vp
+    w = tl.load(f_ptrs, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + t64 * stride_gt + cols * stride_gp, mask=mask, other=0.0)
+    g = g * tl.load(coef_ptr + t)
+    m = tl.load(m_ptrs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
+    v = tl.load(v_ptrs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
+    lr = tl.load(lr_ptr + t)
+    if WEIGHT_DECAY:
+        w = w * (1.0 - lr * weight_decay)
+    denom = tl.sqrt_rn(v) / tl.sqrt_rn(tl.load(bc2_ptr + t)) + eps
+    w = w - (lr / tl.load(bc1_ptr + t)) * m / denom
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
+    tl.store(f_ptrs, w, mask=mask)
+
+
+def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay):
+    """Updates every task's fast weights (and the Adam state) in place.
+
+    Args:
+        fast: [T, P] fp32, updated in place. grad: [T, P] fp32, read only. lr: [T] fp32.
+        optimizer: ``"sgd"`` or ``"adam"``; state: ``AdamState`` (exp_avg, exp_avg_sq [T, P],
+            step [T]) for adam, updated in place; None for sgd.
+        max_grad_norm: per-task clip threshold, 0 disables. betas, eps, weight_decay: floats.
+    Returns:
+        (norms [T] fp32 before clipping, finite [T] bool).
+    """
+    T, P = fast.shape
+    dev = fast.device
+    NB = max(triton.cdiv(P, _BLOCK_P), 1)  # P == 0 still gets a (zero) norm per task
+    partial = torch.empty(T, NB, dtype=torch.float32, device=dev)
+    norms = torch.empty(T, dtype=torch.float32, device=dev)
+    finite = torch.empty(T, dtype=torch.int8, device=dev)
+    coef = torch.empty(T, dtype=torch.float32, device=dev)
+    lr = lr.contiguous()
+    _sumsq_partial_kernel[(NB, T)](grad, partial, P, grad.stride(0), grad.stride(1),
+                                   partial.stride(0), BLOCK=_BLOCK_P)
+    _task_norm_kernel[(T,)](partial, norms, finite, coef, NB, partial.stride(0),
+                            float(max_grad_norm), _EPS_CLIP, CLIP=max_grad_norm > 0,
+                            BLOCK=min(1024, triton.next_power_of_2(NB)))
+    if optimizer == "sgd":
+        _sgd_kernel[(NB, T)](fast, grad, lr, finite, coef, P, float(weight_decay),
+                             fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
+                             WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)
+        return norms, finite.view(torch.bool)
+    b1, b2 = float(betas[0]), float(betas[1])
+    # [T]-sized bias corrections at the new step, with torch's fp32 pow exactly as the
+    # reference computes them (only read for finite tasks, whose step becomes step + 1).
+    new_step = state.step + 1
+    bc1 = 1 - b1 ** new_step
+    bc2 = 1 - b2 ** new_step
+    m, v = state.exp_avg, state.exp_avg_sq
+    _adam_kernel[(NB, T)](fast, grad, m, v, lr, bc1, bc2, finite, coef, P, b1, b2, 1 - b1,
+                          1 - b2, float(eps), float(weight_decay),
+                          fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
+                          m.stride(0), m.stride(1), v.stride(0), v.stride(1),
+                          WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)
+    finite = finite.view(torch.bool)
+    state.step.add_(finite.to(state.step.dtype))
+    return norms, finite

@@ -24,14 +24,16 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 256
+    # std of the tiny model's random weights; HF's 0.02 caps a frozen random output layer's
+    # logits at about +-2.5, too flat for any adapter to fit the tasks (loss stuck near 4.0)
+    initializer_range: float = 0.1
     dtype: str = "float32"
     attn_implementation: str = "sdpa"      # maml switches to "eager" (needs a double backward)
     trust_remote_code: bool = False
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: Union[str, list[str]] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: Union[str, list[str]] = "all-linear"
     init_adapter: Union[str, None] = None  # a PEFT adapter directory to start theta from
 
 
@@ -56,7 +58,7 @@ class MetaConfig:
     inner_lr: float = 0.3
     inner_optimizer: str = "sgd"           # sgd | adam
     inner_max_grad_norm: float = 0.0
-    outer_lr: float = 3e-3
+    outer_lr: float = 1e-2
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 10

@@ -78,6 +78,7 @@ def build_model(cfg: Config, vocab_size: int):
                                  num_layers=m.num_layers, num_heads=m.num_heads,
                                  num_kv_heads=m.num_kv_heads,
                                  intermediate_size=m.intermediate_size,
+                                 initializer_range=m.initializer_range,
                                  attn_implementation=attn)
     return model.to(cfg.trainer.device).eval()
 

@@ -221,6 +221,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 _apply(cfg, key, value)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
+    """Applies dotted ``key=value`` overrides (values parsed as YAML scalars) in place."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. meta.inner_lr=0.1)")
@@ -230,6 +237,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError:
             value = raw
         _apply(cfg, key.strip(), value)
+
+
+def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
+    """The Config a checkpoint was trained with (its metadata ``config``), then ``overrides``.
+    Keys this version does not know are skipped with a warning (an older checkpoint)."""
+    import warnings
+
+    cfg = Config()
+    for key, value in _flatten(d):
+        try:
+            _apply(cfg, key, value)
+        except ConfigError as e:
+            warnings.warn(f"checkpoint config: {e}; the key is ignored")
+    apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
 

@@ -44,13 +44,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from . import backend as _backend
 from .bank import AdapterBank
 from .batch import IGNORE_INDEX, Example, PackedBatch, pack_tasks
 from .checkpoint import load_checkpoint
-from .config import Config, ConfigError, _apply, _flatten, load_config, validate
+from .config import Config, ConfigError, config_from_dict, load_config
 from .layout import TaskLayout
 from .lora import inject
 from .meta.common import InnerConfig, hidden_states
@@ -96,32 +95,6 @@ class Setup:
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
-
-
-def _parse_overrides(cfg: Config, overrides: Sequence[str]) -> None:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. trainer.device=cpu)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        _apply(cfg, key.strip(), value)
-
-
-def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
-    """The Config a checkpoint was trained with (its meta ``config``), then ``overrides``.
-    Keys this version of the config does not know are skipped with a warning."""
-    cfg = Config()
-    for key, value in _flatten(d):
-        try:
-            _apply(cfg, key, value)
-        except ConfigError as e:
-            warnings.warn(f"checkpoint config: {e}; the key is ignored")
-    _parse_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
 
 
 def _build_base(cfg: Config):

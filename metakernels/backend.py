@@ -33,6 +33,7 @@ def _load_cpu_extension() -> str | None:
         from . import _C  # noqa: F401  (registers torch.ops.metakernels.*)
     except ImportError as e:
         return f"metakernels._C could not be imported ({e})"
+    from .ops import _fake  # noqa: F401  (their fake implementations, for torch.compile)
     return None
 
 

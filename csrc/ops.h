@@ -1,0 +1,70 @@
+// The CPU kernels of metakernels: plain ATen + OpenMP, no Python.
+// python/bindings.cpp registers them as torch.ops.metakernels.*; the schemas there are the
+// contract, the plain-PyTorch references in metakernels/ops/*.py the specification.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace metakernels {
+
+// Semantics (s = offsets):
+//   y = x @ W.T + b                                    (W None: y = 0)
+//   xa[s[t]:s[t+1]] = x[s[t]:s[t+1]] @ A[t]            (in A's dtype)
+//   y[s[t]:s[t+1]] += scale * xa[s[t]:s[t+1]] @ B[t]
+// x [N, in] fp32/bf16/fp16, W [out, in] (any strides, dtype of x), b [out], A [T, in, r],
+// B [T, r, out], offsets int32 [T + 1]. Returns (y [N, out] dtype of x, xa [N, r] dtype of A).
+std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
+                                                         const std::optional<at::Tensor>& W,
+                                                         const std::optional<at::Tensor>& b,
+                                                         const at::Tensor& A, const at::Tensor& B,
+                                                         const at::Tensor& offsets, double scale);
+
+// Semantics (g_t = dy_t @ B[t].T, rows t = s[t]:s[t+1]):
+//   dA[t] += scale * x_t.T @ g_t                       (in place, through the view)
+//   dB[t] += scale * xa_t.T @ dy_t                     (in place, through the view)
+//   dx_t   = dy_t @ W + scale * g_t @ A[t].T           (returned; empty [0] if !need_dx)
+// dA, dB may be strided views (e.g. of a flat [T, P] gradient buffer).
+at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& W, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& xa,
+                                 const at::Tensor& offsets, double scale, at::Tensor& dA,
+                                 at::Tensor& dB, bool need_dx);
+
+// Per task t (g = grad[t]): norm = ||g||; a non-finite norm skips the task (nothing written);
+// g *= min(1, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0;
+// g += weight_decay * fast[t]; fast[t] -= lr[t] * g.
+// fast, grad [T, P] fp32 contiguous; lr [T] fp32. Returns (norms [T] fp32, finite [T] bool).
+std::tuple<at::Tensor, at::Tensor> fused_sgd_(at::Tensor& fast, const at::Tensor& grad,
+                                              const at::Tensor& lr, double max_grad_norm,
+                                              double weight_decay);
+
+// As fused_sgd_ for norm/skip/clip, then AdamW (decoupled weight decay), torch.optim.Adam's
+// formula: step[t] += 1; fast *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// fast -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). exp_avg, exp_avg_sq [T, P], step [T] fp32.
+std::tuple<at::Tensor, at::Tensor> fused_adam_(at::Tensor& fast, const at::Tensor& grad,
+                                               at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                               at::Tensor& step, const at::Tensor& lr,
+                                               double max_grad_norm, double beta1, double beta2,
+                                               double eps, double weight_decay);
+
+// kind 0 (fomaml):  out = sum_t weights[t] * x[t]
+// kind 1 (reptile): out = sum_t weights[t] * (theta - x[t])
+// x [T, P] fp32 contiguous, weights [T] fp32, theta [P] fp32 (kind 1) or empty (kind 0).
+at::Tensor meta_reduce(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& theta,
+                       int64_t kind);
+
+// loss[t] = mean over the rows of task t with labels != -100 of cross_entropy(h_i @ W.T, label_i)
+//           (0 for a task without targets);
+// dh = d(sum_t loss[t]) / dh, computed chunk_size rows at a time (never [N, V] logits).
+// h [N, d] fp32/bf16/fp16, W [V, d] dtype of h, labels int64 [N], offsets int32 [T + 1].
+// Returns (loss [T] fp32, dh [N, d] dtype of h).
+std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h,
+                                                             const at::Tensor& W,
+                                                             const at::Tensor& labels,
+                                                             const at::Tensor& offsets,
+                                                             int64_t chunk_size);
+
+}  // namespace metakernels

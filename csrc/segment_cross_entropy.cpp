@@ -1,0 +1,183 @@
+// Per-task masked token-mean cross-entropy and its gradient w.r.t. the hidden states, chunk by
+// chunk: the logits of at most chunk_size rows exist at any time, never the [N, V] matrix.
+//
+// For every chunk of rows:
+//   logits = h_chunk @ W.T                    (ATen GEMM, in h's dtype, like the reference)
+//   one fused OpenMP loop over the rows, in place in the fp32 chunk buffer:
+//     lse = logsumexp(logits_i); ce_i = lse - logits_i[label_i]
+//     dlogits_i = (softmax(logits_i) - onehot(label_i)) / count[task(i)]   (0 if ignored)
+//   dh_chunk = dlogits @ W                     (ATen GEMM, written straight into dh)
+// The per-row losses are added per task in row order afterwards (deterministic).
+// For bf16/fp16 h the logits are rounded to h's dtype before the softmax and dlogits before the
+// second GEMM, which is what autograd does to the reference (h @ W.T).float().
+#include "checks.h"
+#include "ops.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MK_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MK_TARGET_CLONES
+#endif
+
+namespace metakernels {
+namespace {
+
+constexpr int64_t kIgnoreIndex = -100;
+constexpr int64_t kMinParallelElems = 1 << 15;
+
+// exp(x) for x <= 0 (logits minus their row max), within 1 ulp of std::exp (checked over every
+// float in [-87.3, 0], with and without FMA), in plain arithmetic so that the loops calling it
+// vectorise (std::exp is a scalar libm call): Cephes' range reduction x = n ln2 + r with
+// |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n built in the exponent bits. Below -87.3,
+// where fp32 leaves its normal range, it gives 0. The final select only vectorises under
+// -fno-trapping-math (setup.py, CMakeLists.txt); without it this loop runs scalar, 3x slower.
+inline float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * kLog2e + kRound;
+  const float n = t - kRound;
+  const int32_t n_int = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>((n_int + 127) << 23);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// One row: turns the logits z[0:V] into the loss gradient (softmax(z) - onehot(label)) * ic in
+// place and returns the cross-entropy. The exp loop is compute-bound, so GCC compiles this twice,
+// for AVX2 + FMA (x86-64-v3) and for baseline x86-64, and the loader picks by CPU.
+MK_TARGET_CLONES float xent_row(float* z, int64_t V, int64_t label, float ic) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, z[j]);
+  const float z_label = z[label];
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < V; ++j) {
+    const float e = exp_nonpositive(z[j] - mx);
+    z[j] = e;
+    sum += e;
+  }
+  const float p_scale = ic / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) z[j] *= p_scale;
+  z[label] -= ic;
+  return mx + std::log(sum) - z_label;
+}
+
+// Every row of logits [rows, V], in parallel; row_loss[i] = its cross-entropy (0 if ignored).
+void xent_rows(float* logits, int64_t rows, int64_t V, const int64_t* labels,
+               const float* inv_count, float* row_loss) {
+#pragma omp parallel for schedule(static) if (rows * V >= kMinParallelElems)
+  for (int64_t i = 0; i < rows; ++i) {
+    float* z = logits + i * V;
+    if (labels[i] == kIgnoreIndex) {
+      std::fill(z, z + V, 0.0f);
+      row_loss[i] = 0.0f;
+    } else {
+      row_loss[i] = xent_row(z, V, labels[i], inv_count[i]);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h,
+                                                             const at::Tensor& W,
+                                                             const at::Tensor& labels,
+                                                             const at::Tensor& offsets,
+                                                             int64_t chunk_size) {
+  constexpr const char* kOp = "segment_cross_entropy_fwd";
+  MK_CHECK_DEFINED(h);
+  MK_CHECK_CPU(h);
+  MK_CHECK_FLOATING(h);
+  MK_CHECK_DIM(h, 2, "[N, d]");
+  const int64_t N = h.size(0), d = h.size(1);
+  MK_CHECK_DEFINED(W);
+  MK_CHECK_CPU(W);
+  MK_CHECK_DTYPE(W, h.scalar_type());
+  MK_CHECK_DIM(W, 2, "[V, d]");
+  const int64_t V = W.size(0);
+  MK_CHECK_SHAPE(W, "[V, d] with d == h.size(1)", V, d);
+  MK_CHECK_DEFINED(labels);
+  MK_CHECK_CPU(labels);
+  MK_CHECK_DTYPE(labels, at::kLong);
+  MK_CHECK_SHAPE(labels, "[N] with N == h.size(0)", N);
+  TORCH_CHECK(chunk_size >= 1, kOp, ": chunk_size must be >= 1, got ", chunk_size);
+  const Segments seg = MK_CHECK_OFFSETS(offsets, -1, N);
+  const int64_t T = seg.num_tasks();
+
+  const at::Tensor lab_c = labels.contiguous();
+  const int64_t* lab = lab_c.data_ptr<int64_t>();
+  // Targets per task, and the validity of every label (F.cross_entropy rejects the same ones).
+  std::vector<int64_t> count(T, 0);
+  std::vector<float> row_inv_count(N);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = seg.start(t); i < seg.start(t) + seg.size(t); ++i) {
+      TORCH_CHECK(lab[i] == kIgnoreIndex || (lab[i] >= 0 && lab[i] < V), kOp, ": labels[", i,
+                  "]=", lab[i], " is neither -100 nor a class in [0, V = ", V, ")");
+      count[t] += lab[i] != kIgnoreIndex;
+    }
+    const float ic = count[t] > 0 ? 1.0f / static_cast<float>(count[t]) : 0.0f;
+    for (int64_t i = seg.start(t); i < seg.start(t) + seg.size(t); ++i) row_inv_count[i] = ic;
+  }
+
+  at::Tensor dh = at::empty({N, d}, h.options());
+  std::vector<double> task_sum(T, 0.0);
+  const int64_t C = std::min(chunk_size, N);
+  if (C > 0) {
+    const bool low_precision = h.scalar_type() != at::kFloat;
+    at::Tensor logits = at::empty({C, V}, h.options().dtype(at::kFloat));
+    at::Tensor logits_lp = low_precision ? at::empty({C, V}, h.options()) : at::Tensor();
+    const at::Tensor Wt = W.t();
+    std::vector<float> row_loss(C);
+    int64_t t = 0;  // task of the current row
+    for (int64_t c0 = 0; c0 < N; c0 += C) {
+      const int64_t rows = std::min(C, N - c0);
+      at::Tensor lg = logits.narrow(0, 0, rows);
+      const at::Tensor h_c = h.narrow(0, c0, rows);
+      at::Tensor dh_c = dh.narrow(0, c0, rows);
+      if (low_precision) {
+        at::Tensor lp = logits_lp.narrow(0, 0, rows);
+        at::mm_out(lp, h_c, Wt);
+        lg.copy_(lp);
+      } else {
+        at::mm_out(lg, h_c, Wt);
+      }
+      xent_rows(lg.data_ptr<float>(), rows, V, lab + c0, row_inv_count.data() + c0,
+                        row_loss.data());
+      if (low_precision) {
+        at::Tensor lp = logits_lp.narrow(0, 0, rows);
+        lp.copy_(lg);
+        at::mm_out(dh_c, lp, W);
+      } else {
+        at::mm_out(dh_c, lg, W);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        while (seg.offsets[t + 1] <= c0 + i) ++t;
+        task_sum[t] += row_loss[i];
+      }
+    }
+  }
+  at::Tensor loss = at::empty({T}, h.options().dtype(at::kFloat));
+  float* l = loss.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    l[t] = static_cast<float>(task_sum[t] / static_cast<double>(std::max<int64_t>(count[t], 1)));
+  }
+  return {loss, dh};
+}
+
+}  // namespace metakernels

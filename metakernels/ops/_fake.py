@@ -1,0 +1,54 @@
+"""Fake (meta) implementations of the ``torch.ops.metakernels.*`` CPU kernels.
+
+They give the shapes and dtypes of the outputs without computing anything, which is what
+FakeTensor tracing (``torch.compile``, ``torch.export``) and ``torch.library.opcheck`` need. The
+schemas are in ``python/bindings.cpp``; ``metakernels.backend`` imports this module right after
+the extension, and the extension names it (``set_python_module``) so that FakeTensor imports it
+on first use otherwise. Data-dependent checks (offsets values, label ranges) are left to the
+kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("metakernels::multi_lora_linear_fwd")
+def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale):
+    torch._check(x.dim() == 2 and A.dim() == 3 and B.dim() == 3,
+                 lambda: "multi_lora_linear_fwd: x must be [N, in], A [T, in, r], B [T, r, out]")
+    N, r, out = x.shape[0], A.shape[2], B.shape[2]
+    return x.new_empty(N, out), A.new_empty(N, r)
+
+
+@torch.library.register_fake("metakernels::multi_lora_linear_bwd")
+def _multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, need_dx):
+    if need_dx:
+        return x.new_empty(x.shape)
+    return x.new_empty(0)
+
+
+def _task_stats(fast):
+    T = fast.shape[0]
+    return fast.new_empty(T, dtype=torch.float32), fast.new_empty(T, dtype=torch.bool)
+
+
+@torch.library.register_fake("metakernels::fused_sgd_")
+def _fused_sgd_(fast, grad, lr, max_grad_norm, weight_decay):
+    return _task_stats(fast)
+
+
+@torch.library.register_fake("metakernels::fused_adam_")
+def _fused_adam_(fast, grad, exp_avg, exp_avg_sq, step, lr, max_grad_norm, beta1, beta2, eps,
+                 weight_decay):
+    return _task_stats(fast)
+
+
+@torch.library.register_fake("metakernels::meta_reduce")
+def _meta_reduce(x, weights, theta, kind):
+    return x.new_empty(x.shape[1])
+
+
+@torch.library.register_fake("metakernels::segment_cross_entropy_fwd")
+def _segment_cross_entropy_fwd(h, W, labels, offsets, chunk_size):
+    T = offsets.shape[0] - 1
+    return h.new_empty(T, dtype=torch.float32), h.new_empty(h.shape)

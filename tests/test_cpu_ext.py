@@ -1,0 +1,446 @@
+"""The C++ kernels, called directly as ``torch.ops.metakernels.*``, against the references.
+
+What the ops promise beyond tests/test_ops.py (which goes through the public functions):
+the registered schemas and fake implementations (``torch.library.opcheck``), the exact
+in-place contract (accumulation into strided views of a flat buffer, nothing written outside
+them, nothing written for a skipped task), and the input checks of every entry point.
+"""
+import pytest
+import torch
+
+from metakernels import TaskLayout, backend
+
+_REASON = backend._load_cpu_extension()
+if _REASON is not None:
+    pytest.skip(f"the C++ extension metakernels._C is not available: {_REASON}",
+                allow_module_level=True)
+
+import metakernels._C  # noqa: E402
+from metakernels.ops import (AdamState, fused_update_ref, meta_reduce_ref,  # noqa: E402
+                             multi_lora_linear_ref, segment_cross_entropy_ref)
+
+ops = torch.ops.metakernels
+
+LAYOUTS = {"1x7": [7], "7x1": [1] * 7, "3x3": [3, 3, 3], "ragged+empty": [4, 0, 1, 6]}
+# (rtol, atol relative to the largest reference value) by dtype of x / h
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 8e-3), torch.float16: (2e-3, 1e-3)}
+
+
+def _offsets(sizes):
+    return TaskLayout.from_sizes(sizes).offsets_tensor()
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _close(got, want, dtype=torch.float32):
+    rtol, atol = TOL[dtype]
+    want = want.double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(scale, 1e-6))
+
+
+def test_built_with_openmp():
+    assert metakernels._C.with_openmp
+
+
+# ---------------------------------------------------------------------------- multi_lora_linear
+def _mll_inputs(sizes, in_f, out_f, r, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, N = len(sizes), sum(sizes)
+    x = torch.randn(N, in_f, generator=g).to(dtype)
+    W = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    A = torch.randn(T, in_f, r, generator=g) / in_f ** 0.5
+    B = torch.randn(T, r, out_f, generator=g) / r ** 0.5
+    dy = torch.randn(N, out_f, generator=g).to(dtype)
+    return x, W, b, A, B, dy
+
+
+def _mll_reference(sizes, x, W, b, A, B, dy, scale):
+    """y, xa, dx, dA, dB in float64 from the plain-PyTorch reference and autograd."""
+    layout = TaskLayout.from_sizes(sizes)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    W64 = None if W is None else W.double()
+    b64 = None if b is None else b.double()
+    y = multi_lora_linear_ref(x64, W64, b64, A64, B64, layout, scale)
+    dx, dA, dB = torch.autograd.grad(y, (x64, A64, B64), dy.double())
+    xa = torch.cat([x64[s:e] @ A64[t] for t, s, e in layout.segments()]).detach()
+    return y.detach(), xa, dx, dA, dB
+
+
+def _grad_buffers(A, B, flat, seed):
+    """dA [T, in, r], dB [T, r, out] holding random numbers: fresh tensors, or strided views of
+    a flat [T, P] buffer with other numbers before, between and after them."""
+    T, in_f, r = A.shape
+    out_f = B.shape[-1]
+    g = torch.Generator().manual_seed(seed + 1)
+    if not flat:
+        return None, torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g)
+    na, nb = in_f * r, r * out_f
+    buf = torch.randn(T, 3 + na + 2 + nb + 4, generator=g)
+    dA = buf[:, 3:3 + na].view(T, in_f, r)
+    dB = buf[:, 5 + na:5 + na + nb].view(T, r, out_f)
+    assert T == 1 or dA.stride()[0] == buf.shape[1] != in_f * r
+    return buf, dA, dB
+
+
+def _outside_views(buf, A, B):
+    na, nb = A[0].numel(), B[0].numel()
+    return torch.cat([buf[:, :3], buf[:, 3 + na:5 + na], buf[:, 5 + na + nb:]], 1)
+
+
+def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None):
+    tol_dtype = tol_dtype or x.dtype
+    offsets = _offsets(sizes)
+    y_ref, xa_ref, dx_ref, dA_ref, dB_ref = _mll_reference(sizes, x, W, b, A, B, dy, scale)
+
+    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, offsets, scale)
+    assert y.dtype == x.dtype and y.shape == y_ref.shape and xa.dtype == A.dtype
+    _close(y, y_ref, tol_dtype)
+    _close(xa, xa_ref)  # in A's dtype (fp32) from exactly representable inputs
+
+    buf, dA, dB = _grad_buffers(A, B, flat, seed)
+    dA0, dB0 = dA.clone(), dB.clone()
+    outside0 = _outside_views(buf, A, B).clone() if flat else None
+    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, True)
+    assert dx.dtype == x.dtype
+    _close(dx, dx_ref, tol_dtype)
+    _close(dA - dA0, dA_ref)
+    _close(dB - dB0, dB_ref)
+    if flat:
+        assert torch.equal(_outside_views(buf, A, B), outside0)
+
+    # need_dx=False: the same accumulation, an empty dx
+    dA1, dB1 = dA.clone(), dB.clone()
+    none = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, False)
+    assert none.numel() == 0
+    _close(dA - dA1, dA_ref)
+    _close(dB - dB1, dB_ref)
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("r", [1, 3, 16, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("flat", [False, True], ids=["fresh", "flat-views"])
+def test_multi_lora_linear_fp32(layout_name, r, bias, flat):
+    sizes = LAYOUTS[layout_name]
+    x, W, b, A, B, dy = _mll_inputs(sizes, 13, 11, r, bias=bias, seed=r)
+    _run_mll(sizes, x, W, b, A, B, dy, 0.7, flat, seed=r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
+def test_multi_lora_linear_low_precision_x(dtype, layout_name):
+    """LoRA math in fp32 (xa, dA, dB at fp32 accuracy); y and dx rounded to x's dtype."""
+    sizes = LAYOUTS[layout_name]
+    x, W, b, A, B, dy = _mll_inputs(sizes, 24, 19, 8, dtype=dtype)
+    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True)
+
+
+@pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
+def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name):
+    sizes = LAYOUTS[layout_name]
+    x, W, b, A, B, dy = _mll_inputs(sizes, 10, 6, 4)
+    _run_mll(sizes, x, None, None, A, B, dy, 0.5, flat=True)
+    Wt = W.T.contiguous().T  # [out, in] with strides (1, out): a transformers Conv1D weight
+    x_wide = torch.cat([x, torch.randn(x.shape[0], 3)], 1)
+    _run_mll(sizes, x_wide[:, :10], Wt, b, A, B, dy, 0.5, flat=False)
+
+
+def test_multi_lora_linear_all_tasks_empty():
+    x, W, b, A, B, dy = _mll_inputs([0, 0], 5, 4, 2)
+    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, _offsets([0, 0]), 1.0)
+    assert y.shape == (0, 4) and xa.shape == (0, 2)
+    dA, dB = torch.randn(A.shape), torch.randn(B.shape)
+    dA0, dB0 = dA.clone(), dB.clone()
+    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, _offsets([0, 0]), 1.0, dA, dB, True)
+    assert dx.shape == (0, 5) and torch.equal(dA, dA0) and torch.equal(dB, dB0)
+
+
+# --------------------------------------------------------------------------------- fused_update
+def _update_case(P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = 5
+    fast0 = torch.randn(T, P, generator=g)
+    scales = torch.tensor([0.5, 1.0, 3.0, 10.0, 0.1])[:, None]  # some tasks clip, some do not
+    grads = [torch.randn(T, P, generator=g) * scales for _ in range(4)]
+    grads[1][2, P // 2] = float("nan")  # task 2 skipped at step 1
+    grads[2][4, P - 1] = float("inf")   # task 4 skipped at step 2
+    grads[3][0, 0] = -float("inf")      # task 0 skipped at step 3
+    lr = torch.tensor([0.1, 0.05, 0.01, 0.2, 0.03])
+    return fast0, grads, lr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("max_norm,wd,P", [(0.0, 0.0, 7), (2.0, 0.0, 7), (2.0, 0.1, 7),
+                                           (0.0, 0.05, 7), (2.0, 0.1, 2 * 16384 + 5)])
+def test_fused_update_vs_reference(optimizer, max_norm, wd, P):
+    """Several steps; P large enough for several chunks per task and OpenMP."""
+    fast0, grads, lr = _update_case(P)
+    got, want = fast0.clone(), fast0.clone()
+    st_got = AdamState.zeros_like(got) if optimizer == "adam" else None
+    st_want = AdamState.zeros_like(want) if optimizer == "adam" else None
+    betas, eps = (0.8, 0.95), 1e-6
+    for step, grad in enumerate(grads):
+        grad_before = grad.clone()
+        before = [got.clone()] + ([st_got.exp_avg.clone(), st_got.exp_avg_sq.clone(),
+                                   st_got.step.clone()] if st_got else [])
+        if optimizer == "sgd":
+            norms, finite = ops.fused_sgd_(got, grad, lr, max_norm, wd)
+        else:
+            norms, finite = ops.fused_adam_(got, grad, st_got.exp_avg, st_got.exp_avg_sq,
+                                            st_got.step, lr, max_norm, betas[0], betas[1], eps, wd)
+        n_ref, f_ref = fused_update_ref(want, grad, lr, optimizer=optimizer, state=st_want,
+                                        max_grad_norm=max_norm, betas=betas, eps=eps,
+                                        weight_decay=wd)
+        assert _same_bits(grad, grad_before)
+        assert norms.dtype == torch.float32 and finite.dtype == torch.bool
+        assert torch.equal(finite, f_ref) and int((~finite).sum()) == (step > 0)
+        torch.testing.assert_close(norms, n_ref, rtol=1e-6, atol=0, equal_nan=True)
+        for t in torch.nonzero(~finite).flatten().tolist():  # skipped: nothing written
+            after = [got] + ([st_got.exp_avg, st_got.exp_avg_sq, st_got.step] if st_got else [])
+            for a, b in zip(after, before):
+                assert _same_bits(a[t], b[t])
+        _close(got, want)
+        if st_got:
+            _close(st_got.exp_avg, st_want.exp_avg)
+            _close(st_got.exp_avg_sq, st_want.exp_avg_sq)
+            assert torch.equal(st_got.step, st_want.step)
+    assert torch.isfinite(got).all()
+    if st_got:
+        assert st_got.step.tolist() == [3, 4, 3, 4, 3]
+
+
+# ---------------------------------------------------------------------------------- meta_reduce
+@pytest.mark.parametrize("kind", [0, 1], ids=["fomaml", "reptile"])
+@pytest.mark.parametrize("T,P", [(1, 1), (5, 7), (6, 3 * 4096 + 3), (3, 100_003)])
+def test_meta_reduce_vs_reference(kind, T, P):
+    g = torch.Generator().manual_seed(P)
+    theta = torch.randn(P, generator=g)
+    # reptile: fast weights close to theta, where cancellation would show
+    x = theta + 1e-3 * torch.randn(T, P, generator=g) if kind else torch.randn(T, P, generator=g)
+    w = torch.rand(T, generator=g) + 0.1
+    if T > 1:
+        w[1] = 0.0
+    name = ("fomaml", "reptile")[kind]
+    got = ops.meta_reduce(x, w, theta if kind else x.new_empty(0), kind)
+    want = meta_reduce_ref(name, x.double(), w.double(), theta.double())
+    _close(got, want)
+
+
+# ------------------------------------------------------------------------ segment_cross_entropy
+def _ce_inputs(sizes, d, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(sizes)
+    h = torch.randn(N, d, generator=g).to(dtype)
+    W = torch.randn(V, d, generator=g).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    if len(sizes) > 1 and sizes[-1] > 0:  # a task with rows but no targets
+        labels[N - sizes[-1]:] = -100
+    return h, W, labels
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_segment_cross_entropy_fp32(layout_name, chunk):
+    sizes = LAYOUTS[layout_name]
+    h, W, labels = _ce_inputs(sizes, 19, 37, torch.float32)
+    layout = TaskLayout.from_sizes(sizes)
+    h64 = h.double().requires_grad_()
+    want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
+    (dh_want,) = torch.autograd.grad(want.sum(), h64)
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk)
+    assert loss.dtype == torch.float32 and dh.dtype == h.dtype
+    _close(loss, want.detach())
+    _close(dh, dh_want)
+    for t, s, e in layout.segments():
+        if (labels[s:e] == -100).all():
+            assert loss[t] == 0 and not dh[s:e].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_segment_cross_entropy_low_precision(dtype):
+    sizes = [4, 0, 9, 5]
+    h, W, labels = _ce_inputs(sizes, 24, 41, dtype)
+    layout = TaskLayout.from_sizes(sizes)
+    h64 = h.double().requires_grad_()
+    want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
+    (dh_want,) = torch.autograd.grad(want.sum(), h64)
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), 4)
+    assert dh.dtype == dtype
+    _close(loss, want.detach(), dtype)
+    _close(dh, dh_want, dtype)
+
+
+# ------------------------------------------------------------------------------------- opcheck
+def _opcheck_cases():
+    sizes = [3, 0, 2, 4]
+    off = _offsets(sizes)
+    x, W, b, A, B, dy = _mll_inputs(sizes, 6, 5, 3)
+    xa = ops.multi_lora_linear_fwd(x, W, b, A, B, off, 0.5)[1]
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    T, P = 4, 33
+    fast, grad, lr = torch.randn(T, P), torch.randn(T, P), torch.rand(T)
+    st = AdamState(torch.randn(T, P), torch.rand(T, P), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    h, Wv, labels = _ce_inputs(sizes, 6, 11, torch.float32)
+    return {
+        "mll_fwd": (ops.multi_lora_linear_fwd, (rg(x), W, b, rg(A), rg(B), off, 0.5)),
+        "mll_fwd_no_base": (ops.multi_lora_linear_fwd, (rg(x), None, None, rg(A), B, off, 0.5)),
+        "mll_bwd": (ops.multi_lora_linear_bwd,
+                    (rg(dy), x, W, A, B, xa, off, 0.5, torch.randn(A.shape), torch.randn(B.shape),
+                     True)),
+        "mll_bwd_no_dx": (ops.multi_lora_linear_bwd,
+                          (rg(dy), x, None, A, B, xa, off, 0.5, torch.randn(A.shape),
+                           torch.randn(B.shape), False)),
+        "sgd": (ops.fused_sgd_, (fast.clone(), rg(grad), lr, 1.0, 0.1)),
+        "adam": (ops.fused_adam_, (fast.clone(), rg(grad), st.exp_avg, st.exp_avg_sq, st.step, lr,
+                                   1.0, 0.9, 0.999, 1e-8, 0.1)),
+        "fomaml": (ops.meta_reduce, (rg(fast), lr, fast.new_empty(0), 0)),
+        "reptile": (ops.meta_reduce, (rg(fast), lr, torch.randn(P), 1)),
+        "xent": (ops.segment_cross_entropy_fwd, (rg(h), Wv, labels, off, 2)),
+    }
+
+
+_OPCHECK = _opcheck_cases()
+
+
+@pytest.mark.parametrize("case", list(_OPCHECK))
+def test_opcheck(case):
+    op, args = _OPCHECK[case]
+    # Inputs that require grad: the op has an Autograd kernel (python/bindings.cpp)...
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+    # ...whose outputs refuse a backward pass, so the tracing tests take plain inputs.
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, plain, test_utils=("test_schema", "test_faketensor",
+                                                 "test_aot_dispatch_dynamic"))
+
+
+def test_no_derivative_and_version_bump():
+    """Called directly on inputs that require grad, the ops give outputs whose backward raises
+    (never outputs silently cut from the graph); the tensors they write get a new version."""
+    op, args = _OPCHECK["mll_fwd"]
+    y, xa = op(*args)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for metakernels::multi_lora_linear_fwd is "
+                                           "not implemented"):
+        y.sum().backward()
+    with torch.no_grad():
+        y, _ = op(*args)
+    assert not y.requires_grad
+    op, args = _OPCHECK["mll_bwd"]
+    dA, dB = args[8], args[9]
+    versions = dA._version, dB._version
+    op(*args)
+    assert dA._version > versions[0] and dB._version > versions[1]
+    fast, grad, lr = torch.randn(2, 5), torch.randn(2, 5), torch.rand(2)
+    v = fast._version
+    ops.fused_sgd_(fast, grad, lr, 0.0, 0.0)
+    assert fast._version > v
+    with pytest.raises(RuntimeError, match="fused_sgd_: fast is written in place but requires grad"):
+        ops.fused_sgd_(fast.requires_grad_(), grad, lr, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------- input checks
+def _bad_input_cases():
+    sizes = [3, 0, 2]
+    off = _offsets(sizes)
+    x, W, b, A, B, dy = _mll_inputs(sizes, 7, 5, 2)
+    xa = ops.multi_lora_linear_fwd(x, W, b, A, B, off, 1.0)[1]
+    dA, dB = torch.randn(A.shape), torch.randn(B.shape)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    fwd = lambda **kw: ops.multi_lora_linear_fwd(  # noqa: E731
+        *[kw.get(k, v) for k, v in dict(x=x, W=W, b=b, A=A, B=B, offsets=off).items()], 1.0)
+    bwd = lambda **kw: ops.multi_lora_linear_bwd(  # noqa: E731
+        *[kw.get(k, v) for k, v in dict(dy=dy, x=x, W=W, A=A, B=B, xa=xa, offsets=off).items()],
+        1.0, kw.get("dA", dA), kw.get("dB", dB), True)
+    T, P = 3, 10
+    fast, grad, lr = torch.randn(T, P), torch.randn(T, P), torch.rand(T)
+    m, v, step = torch.zeros(T, P), torch.zeros(T, P), torch.zeros(T)
+    sgd = lambda **kw: ops.fused_sgd_(  # noqa: E731
+        kw.get("fast", fast), kw.get("grad", grad), kw.get("lr", lr), kw.get("max_norm", 1.0), 0.0)
+    adam = lambda **kw: ops.fused_adam_(  # noqa: E731
+        fast, grad, kw.get("exp_avg", m), kw.get("exp_avg_sq", v), kw.get("step", step), lr, 1.0,
+        kw.get("beta1", 0.9), 0.999, kw.get("eps", 1e-8), 0.0)
+    theta = torch.randn(P)
+    red = lambda **kw: ops.meta_reduce(  # noqa: E731
+        kw.get("x", fast), kw.get("weights", lr), kw.get("theta", theta), kw.get("kind", 1))
+    h, Wv, labels = _ce_inputs(sizes, 4, 9, torch.float32)
+    ce = lambda **kw: ops.segment_cross_entropy_fwd(  # noqa: E731
+        kw.get("h", h), kw.get("W", Wv), kw.get("labels", labels), kw.get("offsets", off),
+        kw.get("chunk", 2))
+    bad_labels = labels.clone()
+    bad_labels[1] = 9
+    return {
+        # offsets, through each op that takes them
+        "offsets non-monotone": (lambda: fwd(offsets=i32([0, 3, 2, 5])),
+                                 r"multi_lora_linear_fwd: offsets must be non-decreasing, got "
+                                 r"offsets\[1\]=3 > offsets\[2\]=2"),
+        "offsets wrong length": (lambda: bwd(offsets=i32([0, 3, 5])),
+                                 r"multi_lora_linear_bwd: offsets must have length T \+ 1 = 4"),
+        "offsets[-1] != N": (lambda: fwd(offsets=i32([0, 3, 3, 4])),
+                             r"offsets\[T\] must equal the number of rows N = 5, got offsets\[3\]=4"),
+        "offsets[0] != 0": (lambda: ce(offsets=i32([1, 3, 3, 5])), r"offsets\[0\] must be 0"),
+        "offsets dtype": (lambda: fwd(offsets=off.long()),
+                          r"offsets must have dtype torch.int32, got shape \[4\], dtype torch.int64"),
+        "offsets 2-D": (lambda: ce(offsets=off[None]), r"offsets must be 1-D"),
+        # multi_lora_linear shapes and dtypes
+        "A in": (lambda: fwd(A=A[:, :6]),
+                 r"multi_lora_linear_fwd: A must be \[T, in, r\] with in == x.size\(1\), i.e. "
+                 r"\[3, 7, 2\], got shape \[3, 6, 2\], dtype torch.float32"),
+        "A dim": (lambda: fwd(A=A[0]), r"A must be 3-D \[T, in, r\], got shape \[7, 2\]"),
+        "B r": (lambda: fwd(B=B[:, :1]), r"B must be \[T, r, out\]"),
+        "B dtype": (lambda: fwd(B=B.double()), r"B must have dtype torch.float32, got .*float64"),
+        "W shape": (lambda: fwd(W=W[:4]), r"W must be \[out, in\].*got shape \[4, 7\]"),
+        "W dtype": (lambda: fwd(W=W.bfloat16()), r"W must have dtype torch.float32"),
+        "b shape": (lambda: fwd(b=b[:3]), r"b must be \[out\]"),
+        "b without W": (lambda: fwd(W=None), r"b is given without W"),
+        "x dtype": (lambda: fwd(x=x.long()), r"x must have dtype torch.float32, torch.bfloat16 or"),
+        "x dim": (lambda: fwd(x=x[None]), r"x must be 2-D \[N, in\]"),
+        "dy shape": (lambda: bwd(dy=dy[:, :4]), r"multi_lora_linear_bwd: dy must be \[N, out\]"),
+        "dy dtype": (lambda: bwd(dy=dy.double()), r"dy must have dtype torch.float32"),
+        "xa shape": (lambda: bwd(xa=xa[:4]), r"xa must be \[N, r\]"),
+        "dA shape": (lambda: bwd(dA=dA[:2]), r"dA must be \[T, in, r\]"),
+        "dB dtype": (lambda: bwd(dB=dB.double()), r"dB must have dtype torch.float32"),
+        # fused updates
+        "sgd grad shape": (lambda: sgd(grad=grad[:, :9]),
+                           r"fused_sgd_: grad must be \[T, P\] like fast, i.e. \[3, 10\], got "
+                           r"shape \[3, 9\]"),
+        "sgd fast contiguous": (lambda: sgd(fast=torch.randn(P, T).T),
+                                r"fused_sgd_: fast must be contiguous"),
+        "sgd fast dtype": (lambda: sgd(fast=fast.double()), r"fast must have dtype torch.float32"),
+        "sgd lr shape": (lambda: sgd(lr=lr[:2]), r"lr must be \[T\]"),
+        "sgd max norm": (lambda: sgd(max_norm=-1.0), r"max_grad_norm must be >= 0"),
+        "adam exp_avg": (lambda: adam(exp_avg=m[:2]), r"fused_adam_: exp_avg must be \[T, P\]"),
+        "adam exp_avg_sq": (lambda: adam(exp_avg_sq=v.half()), r"exp_avg_sq must have dtype"),
+        "adam step": (lambda: adam(step=step[:1]), r"step must be \[T\]"),
+        "adam beta1": (lambda: adam(beta1=1.0), r"beta1 must be in \[0, 1\)"),
+        "adam eps": (lambda: adam(eps=0.0), r"eps must be > 0"),
+        # meta_reduce
+        "reduce kind": (lambda: red(kind=2), r"meta_reduce: kind must be 0 \(fomaml\) or 1"),
+        "reduce weights": (lambda: red(weights=lr[:2]), r"weights must be \[T\]"),
+        "reduce theta": (lambda: red(theta=theta[:9]), r"theta must be \[P\]"),
+        "reduce theta fomaml": (lambda: red(kind=0), r"theta must be empty for kind 0"),
+        "reduce x dtype": (lambda: red(x=fast.double()), r"x must have dtype torch.float32"),
+        # segment_cross_entropy
+        "ce W d": (lambda: ce(W=Wv[:, :3]), r"segment_cross_entropy_fwd: W must be \[V, d\]"),
+        "ce W dtype": (lambda: ce(W=Wv.double()), r"W must have dtype torch.float32"),
+        "ce labels dtype": (lambda: ce(labels=labels.int()), r"labels must have dtype torch.int64"),
+        "ce labels shape": (lambda: ce(labels=labels[:4]), r"labels must be \[N\]"),
+        "ce labels range": (lambda: ce(labels=bad_labels),
+                            r"labels\[1\]=9 is neither -100 nor a class in \[0, V = 9\)"),
+        "ce chunk": (lambda: ce(chunk=0), r"chunk_size must be >= 1"),
+        "ce offsets length": (lambda: ce(offsets=i32([0])), r"offsets must have length T \+ 1 >= 2"),
+    }
+
+
+_BAD = _bad_input_cases()
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_rejects_bad_input(case):
+    fn, message = _BAD[case]
+    with pytest.raises(RuntimeError, match=message):
+        fn()

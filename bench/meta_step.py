@@ -1,0 +1,712 @@
+"""Time and peak memory of one FOMAML meta-step, every way of computing it, side by side.
+
+One meta-step: T tasks, K inner SGD steps on each task's support set, then the gradient of each
+task's query loss at its adapted fast weights, averaged over tasks (the meta-gradient). Every
+variant starts from the same model weights, the same initial adapters (theta) and the same data:
+
+    metakernels-<backend>  ``fomaml_step``: all tasks in one pass over the frozen base, on every
+                           backend that can run here (torch always, cpu when ``metakernels._C``
+                           is built)
+    naive-peft             ``naive_step``: one task after another on a PEFT LoRA model (the seeds'
+                           Meta-LoRA, done right)
+    naive-full             full-parameter FOMAML as in the MAML-SFT seed: per task, clone every
+                           weight, K SGD steps on all weights, query gradient, restore
+    vmap                   ``torch.func``: ``vmap`` over tasks of (K x ``grad`` + SGD, then the
+                           query ``grad``) of the PEFT model's LoRA parameters through
+                           ``functional_call``, base frozen. vmap needs equal shapes, so a ragged
+                           layout is padded with rows that carry no loss; SDPA has no vmap batching
+                           rule, so attention runs as PyTorch's per-task fallback loop.
+
+Before anything is timed, each variant's meta-gradient on the LoRA parameters is checked against
+naive-peft at a tiny size, on a uniform and a ragged layout (naive-full trains other parameters:
+it must run and give a finite loss). After timing, each variant's meta-gradient at the benchmark
+size is compared with naive-peft's again and the relative error is reported.
+
+Reported per variant: median and p20/p80 of the meta-step time (``time.perf_counter`` around the
+whole step, after warm-up steps; the variants take their timed steps in turns unless
+``--sequential``), real tokens/s (K x support + query tokens), the time as a
+multiple of naive-peft's and of the FLOP floor, and the peak memory: the peak RSS minus the RSS
+just before the step, of a fresh process that runs that variant alone
+(``python bench/meta_step.py --variant X --measure-memory ...``; on Linux the peak is ``VmHWM``,
+``ru_maxrss`` without the parent's RSS that ``ru_maxrss`` inherits across ``exec``).
+
+FLOP floor (DESIGN.md, "Performance: how to measure"), per token of every forward/backward:
+2P forward + 2P input gradient of the frozen linear weights (P: every linear layer including the
+output layer, not the embedding), plus 6 r (in + out) per adapted layer (LoRA forward, dx and
+dA, dB), plus causal attention 6 L^2 d_attn per sequence and layer (2 forward, 4 backward as
+flash-attention counts them), divided by the best fp32 GEMM rate of a square ``torch.mm`` at the
+model's hidden size, measured in the same run. It is the floor of the LoRA meta-step; naive-full
+does more work (weight gradients), and its ratio says so.
+
+Commands::
+
+    python bench/meta_step.py --preset fewshot            # large | zipf | vocab32k
+    python bench/meta_step.py --preset fewshot --sweep-tasks
+    python bench/meta_step.py --preset fewshot --profile  # + top ops of the metakernels step
+    python bench/meta_step.py --quick --csv /tmp/m.csv    # every variant once, tiny sizes
+    python bench/meta_step.py --model-path DIR --targets all-linear
+
+Results are appended to ``bench/results/meta_step.csv``; ``bench/plot.py`` draws them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import random
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import RESULTS, append_csv, gemm_rate, print_table, quantiles, run_metadata
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
+from metakernels.bank import AdapterBank  # noqa: E402
+from metakernels.batch import IGNORE_INDEX  # noqa: E402
+from metakernels.lora import inject  # noqa: E402
+from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss, fomaml_step  # noqa: E402
+from metakernels.meta import make_peft_model, naive_step  # noqa: E402
+from metakernels.models import build_tiny_model, tiny_config  # noqa: E402
+
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+SWEEP_TASKS = (1, 2, 4, 8, 16, 32)
+QUICK_SWEEP_TASKS = (1, 2)
+CHECK_RTOL = 1e-4       # meta-gradient relative error allowed against naive-peft (fp32)
+MEMORY_MARK = "MEMORY "
+MEMORY_JOBS = 2         # concurrent memory processes: RSS is per process, so they do not mix
+
+warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented "
+                        "the batching rule.*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Workload:
+    """One meta-step's shape: the model, the adapters, the tasks and the inner loop."""
+
+    preset: str = "fewshot"
+    vocab_size: int = 1024
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    intermediate_size: int = 0      # 0: Llama's 8/3 * hidden, rounded up to a multiple of 32
+    model_path: str = ""            # a local Hugging Face checkpoint instead of the tiny Llama
+    targets: str = "qkvo"           # qkvo | all-linear
+    rank: int = 16
+    alpha: float = 32.0
+    num_tasks: int = 8
+    support_rows: int = 2           # sequences per task (the largest task's, with zipf_alpha)
+    query_rows: int = 2
+    zipf_alpha: float = 0.0         # > 0: task t has round(support_rows / (t+1)^alpha) rows
+    seq_len: int = 64
+    inner_steps: int = 5
+    inner_lr: float = 1e-2
+    seed: int = 0
+
+    def intermediate(self) -> int:
+        return self.intermediate_size or 32 * math.ceil(8 * self.hidden_size / 3 / 32)
+
+    def target_modules(self):
+        return QKVO if self.targets == "qkvo" else self.targets
+
+    def support_sizes(self) -> list[int]:
+        if self.zipf_alpha <= 0:
+            return [self.support_rows] * self.num_tasks
+        return [max(1, round(self.support_rows / (t + 1) ** self.zipf_alpha))
+                for t in range(self.num_tasks)]
+
+    def describe_sizes(self) -> str:
+        sizes = self.support_sizes()
+        return f"{self.num_tasks}x{sizes[0]}" if len(set(sizes)) == 1 else ",".join(map(str, sizes))
+
+    def describe_model(self) -> str:
+        if self.model_path:
+            return self.model_path
+        return (f"llama d{self.hidden_size} l{self.num_layers} h{self.num_heads}/"
+                f"{self.num_kv_heads} ff{self.intermediate()} v{self.vocab_size}")
+
+    def cli_args(self) -> list[str]:
+        """The flags that rebuild exactly this workload in another process."""
+        out = []
+        for f in dataclasses.fields(self):
+            out += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return out
+
+
+PRESETS = {
+    "fewshot": {},
+    "large": dict(num_tasks=4, support_rows=4, query_rows=4, seq_len=128),
+    "zipf": dict(support_rows=8, zipf_alpha=1.5),   # punica's Zipf-1.5 mix of task sizes
+    "vocab32k": dict(vocab_size=32000),
+}
+QUICK = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=0,
+             num_tasks=3, query_rows=2, seq_len=16, inner_steps=2, rank=4, alpha=8.0)
+
+
+def resolve_workload(args) -> Workload:
+    """Defaults, then the preset, then ``--quick``, then every flag given explicitly."""
+    w = Workload(preset=args.preset, **PRESETS[args.preset])
+    if args.quick:
+        w = dataclasses.replace(w, **QUICK, support_rows=4 if w.zipf_alpha > 0 else 2)
+    for f in dataclasses.fields(Workload):
+        v = getattr(args, f.name)
+        if v is not None and f.name != "preset":
+            setattr(w, f.name, v)
+    if w.targets not in ("qkvo", "all-linear"):
+        raise SystemExit(f"--targets must be qkvo or all-linear, got {w.targets!r}")
+    return w
+
+
+def check_workloads(w: Workload) -> list[Workload]:
+    """Tiny versions of ``w`` (same targets and model family), a uniform and a ragged layout."""
+    tiny = dict(preset="check", model_path="", vocab_size=97, hidden_size=48, num_layers=2,
+                num_heads=4, num_kv_heads=2, intermediate_size=80, rank=4, alpha=8.0,
+                num_tasks=3, query_rows=2, seq_len=12, inner_steps=2, inner_lr=0.05)
+    return [dataclasses.replace(w, **tiny, support_rows=2, zipf_alpha=0.0),
+            dataclasses.replace(w, **tiny, support_rows=3, zipf_alpha=1.0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, adapters, data
+# ---------------------------------------------------------------------------------------------
+def model_config(w: Workload):
+    if w.model_path:
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(w.model_path)
+    return tiny_config("llama", vocab_size=w.vocab_size, hidden_size=w.hidden_size,
+                       num_layers=w.num_layers, num_heads=w.num_heads,
+                       num_kv_heads=w.num_kv_heads, intermediate_size=w.intermediate(),
+                       max_position_embeddings=max(256, w.seq_len))
+
+
+def build_base(w: Workload) -> nn.Module:
+    """The base model, the same weights every time (eval mode, every parameter trainable)."""
+    if w.model_path:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(w.model_path, dtype=torch.float32).eval()
+    else:
+        model = build_tiny_model("llama", seed=w.seed, vocab_size=w.vocab_size,
+                                 hidden_size=w.hidden_size, num_layers=w.num_layers,
+                                 num_heads=w.num_heads, num_kv_heads=w.num_kv_heads,
+                                 intermediate_size=w.intermediate(),
+                                 max_position_embeddings=max(256, w.seq_len))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def ghost_model(w: Workload) -> nn.Module:
+    """The model without storage (meta device): its modules and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(w))
+
+
+def initial_adapters(w: Workload) -> AdapterBank:
+    """A bank (one task) holding theta: PEFT's init of A and a small random B, so that the
+    first inner step is not the special case B = 0. The slots come from injecting into a ghost
+    of the model, so no second model is ever allocated."""
+    slots = inject(ghost_model(w), w.target_modules(), w.rank, w.alpha, 1, init=False).slots
+    adapters = AdapterBank(slots, w.rank, w.alpha, 1)
+    g = torch.Generator().manual_seed(w.seed + 1)
+    adapters.reset_parameters(generator=g)
+    with torch.no_grad():
+        for s in slots:
+            adapters.theta[s.b_slice] = 0.02 * torch.randn(s.rank * s.out_features, generator=g)
+    return adapters
+
+
+def make_data(w: Workload, vocab_size: int) -> tuple[PackedBatch, PackedBatch]:
+    """Support and query batches of random full-length sequences (no padding: every token is
+    real work for every variant), the loss on a random-length response."""
+    rng = random.Random(w.seed + 2)
+    L = w.seq_len
+
+    def task(rows):
+        exs = []
+        for _ in range(rows):
+            ids = tuple(rng.randrange(1, vocab_size) for _ in range(L))
+            p = rng.randint(max(1, L // 4), max(1, L // 2))
+            exs.append(Example(ids, (0,) * p + (1,) * (L - p)))
+        return exs
+
+    support = pack_tasks([task(n) for n in w.support_sizes()], pad_id=0)
+    query = pack_tasks([task(w.query_rows) for _ in range(w.num_tasks)], pad_id=0)
+    return support, query
+
+
+def inner_config(w: Workload) -> InnerConfig:
+    return InnerConfig(lr=w.inner_lr, num_steps=w.inner_steps, optimizer="sgd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants: each builds its own copy of the same model; step() runs one whole meta-step and
+# returns (LoRA meta-gradient [P] in the bank's layout or None, mean query loss)
+# ---------------------------------------------------------------------------------------------
+class Metakernels:
+    def __init__(self, w, adapters, support, query, backend_name):
+        self.backend_name = backend_name
+        self.model = build_base(w)
+        self.bank = inject(self.model, w.target_modules(), w.rank, w.alpha, w.num_tasks,
+                           init=False)
+        if [s.name for s in self.bank.slots] != [s.name for s in adapters.slots]:
+            raise RuntimeError("inject adapted other modules than the meta-device probe")
+        with torch.no_grad():
+            self.bank.theta.copy_(adapters.theta)
+        self.support, self.query, self.cfg = support, query, inner_config(w)
+
+    def step(self):
+        with backend.use_backend(self.backend_name):
+            r = fomaml_step(self.model, self.bank, self.support, self.query, self.cfg)
+        return r.meta_grad, r.meta_loss
+
+
+class NaivePeft:
+    def __init__(self, w, adapters, support, query):
+        self.peft = make_peft_model(build_base(w), adapters)
+        self.io = PeftAdapterIO(self.peft, adapters.slots)
+        self.theta = adapters.theta.detach().clone()
+        self.support, self.query, self.cfg = support, query, inner_config(w)
+
+    def step(self):
+        r = naive_step(self.peft, self.io, self.theta, self.support, self.query, self.cfg)
+        return r.meta_grad, r.meta_loss
+
+
+class NaiveFull:
+    """Full-parameter FOMAML, the MAML-SFT seed's loop: per task, clone all weights, K SGD steps
+    on all of them, the query gradient of all of them, restore the clone."""
+
+    def __init__(self, w, adapters, support, query):
+        self.model = build_base(w)
+        self.params = list(self.model.parameters())
+        self.support, self.query, self.cfg = support, query, inner_config(w)
+
+    def step(self):
+        T, lr = self.support.num_tasks, self.cfg.lr
+        meta_grad = [torch.zeros_like(p) for p in self.params]
+        qloss = 0.0
+        for t in range(T):
+            saved = [p.detach().clone() for p in self.params]
+            support = self.support.task(t)
+            for _ in range(self.cfg.num_steps):
+                grads = torch.autograd.grad(causal_lm_loss(self.model, support), self.params)
+                with torch.no_grad():
+                    for p, g in zip(self.params, grads):
+                        p.sub_(g, alpha=lr)
+            loss = causal_lm_loss(self.model, self.query.task(t))
+            grads = torch.autograd.grad(loss, self.params)
+            with torch.no_grad():
+                for m, g, p, s in zip(meta_grad, grads, self.params, saved):
+                    m.add_(g, alpha=1.0 / T)
+                    p.copy_(s)
+            qloss += loss.item() / T
+        return None, qloss
+
+
+class Vmap:
+    """``torch.func``: vmap over tasks of the whole inner loop and query gradient, the LoRA
+    parameters of a PEFT model passed through ``functional_call`` (theta unbatched, as in
+    functorch's MAML example; the fast weights become batched after the first step)."""
+
+    def __init__(self, w, adapters, support, query):
+        from torch.func import functional_call, grad_and_value, vmap
+        self._functional_call, self._grad_and_value = functional_call, grad_and_value
+        self.peft = make_peft_model(build_base(w), adapters)
+        io = PeftAdapterIO(self.peft, adapters.slots)
+        name_of = {id(p): n for n, p in self.peft.named_parameters()}
+        self.entries = [(s, name_of[id(a)], name_of[id(b)]) for s, a, b in io.params]
+        self.theta = adapters.theta.detach().clone()
+        self.num_params = adapters.num_params
+        self.cfg = inner_config(w)
+        self.sup = self._task_major(support)
+        self.qry = self._task_major(query)
+        self._run = vmap(self._task, in_dims=(None, 0, 0, 0, 0))
+
+    @staticmethod
+    def _task_major(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, n_max, L] ids and labels; a task with fewer rows gets rows without loss."""
+        if not bool(batch.attention_mask.bool().all()):
+            # transformers' mask code branches on the mask's values, which vmap cannot trace
+            raise ValueError("vmap variant: the batch has padding; it takes full-length rows")
+        T, L = batch.num_tasks, batch.seq_len
+        n = max(batch.layout.sizes)
+        ids = torch.ones(T, n, L, dtype=torch.long)
+        labels = torch.full((T, n, L), IGNORE_INDEX, dtype=torch.long)
+        for t, s, e in batch.layout.segments():
+            ids[t, :e - s] = batch.input_ids[s:e]
+            labels[t, :e - s] = batch.labels[s:e]
+        return ids, labels
+
+    def _loss(self, lora, ids, labels):
+        """The token-mean masked next-token loss, as ``causal_lm_loss`` computes it."""
+        logits = self._functional_call(self.peft, lora, (),
+                                       {"input_ids": ids, "use_cache": False}).logits
+        logp = F.log_softmax(logits.float(), dim=-1)
+        keep = labels != IGNORE_INDEX
+        nll = -logp.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+        return (nll * keep).sum() / keep.sum().clamp(min=1)
+
+    def _task(self, lora, s_ids, s_labels, q_ids, q_labels):
+        step = self._grad_and_value(self._loss)
+        for _ in range(self.cfg.num_steps):
+            g, _ = step(lora, s_ids, s_labels)
+            lora = {k: v - self.cfg.lr * g[k] for k, v in lora.items()}
+        return step(lora, q_ids, q_labels)
+
+    def step(self):
+        lora = {}
+        for s, na, nb in self.entries:
+            lora[na] = self.theta[s.a_slice].view(s.in_features, s.rank).T
+            lora[nb] = self.theta[s.b_slice].view(s.rank, s.out_features).T
+        grads, losses = self._run(lora, *self.sup, *self.qry)
+        meta_grad = torch.empty(self.num_params)
+        for s, na, nb in self.entries:
+            meta_grad[s.a_slice] = grads[na].mean(0).T.reshape(-1)
+            meta_grad[s.b_slice] = grads[nb].mean(0).T.reshape(-1)
+        return meta_grad, float(losses.mean())
+
+
+# The benchmark runs on the CPU: the triton backend there is an interpreter for tests only.
+ALL_VARIANTS = ("naive-peft", "metakernels-torch", "metakernels-cpu", "naive-full", "vmap")
+
+
+def available_variants() -> list[str]:
+    return [v for v in ALL_VARIANTS if backend.available(backend_of(v))]
+
+
+def backend_of(variant: str) -> str:
+    return variant.split("-", 1)[1] if variant.startswith("metakernels-") else "torch"
+
+
+def make_variant(name: str, w: Workload, adapters, support, query):
+    if name.startswith("metakernels-"):
+        return Metakernels(w, adapters, support, query, backend_of(name))
+    cls = {"naive-peft": NaivePeft, "naive-full": NaiveFull, "vmap": Vmap}[name]
+    return cls(w, adapters, support, query)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness gate, FLOP floor, memory
+# ---------------------------------------------------------------------------------------------
+def check_variants(w: Workload, variants: list[str]) -> None:
+    """Raises SystemExit unless every variant agrees with naive-peft at a tiny size."""
+    for cw in check_workloads(w):
+        adapters = initial_adapters(cw)
+        support, query = make_data(cw, cw.vocab_size)
+        want, _ = NaivePeft(cw, adapters, support, query).step()
+        for name in variants:
+            if name == "naive-peft":
+                continue
+            got, loss = make_variant(name, cw, adapters, support, query).step()
+            if got is None:   # naive-full: another parameter set, nothing to compare
+                ok, what = math.isfinite(loss), f"query loss {loss:.4g}"
+            else:
+                err = rel_err(got, want)
+                ok, what = err < CHECK_RTOL, f"meta-gradient rel. error {err:.2e}"
+            print(f"check {cw.describe_sizes():>8}  {name:<18} {what}  {'ok' if ok else 'FAIL'}")
+            if not ok:
+                raise SystemExit(f"{name} disagrees with naive-peft on layout "
+                                 f"{cw.describe_sizes()} ({what}); not timing a wrong variant")
+
+
+def flop_floor(w: Workload, adapters: AdapterBank, support: PackedBatch,
+               query: PackedBatch) -> float:
+    """FLOPs of the LoRA meta-step at best (see the module docstring)."""
+    model = ghost_model(w)
+    cfg = model.config
+    p_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    lora = sum(6 * s.rank * (s.in_features + s.out_features) for s in adapters.slots)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d_attn = cfg.num_attention_heads * head_dim
+    total = 0.0
+    for batch, times in ((support, w.inner_steps), (query, 1)):
+        lens = batch.attention_mask.sum(1).double()
+        tokens = float(lens.sum())
+        attn = float((lens ** 2).sum()) * 6 * d_attn * cfg.num_hidden_layers
+        total += times * (tokens * (4 * p_linear + lora) + attn)
+    return total
+
+
+def tokens_per_step(w: Workload, support: PackedBatch, query: PackedBatch) -> int:
+    return w.inner_steps * support.num_tokens() + query.num_tokens()
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak RSS to its current RSS (Linux ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss() -> int:
+    rss = _status_bytes("VmRSS")
+    if rss is None:
+        import psutil   # only off Linux
+        rss = psutil.Process().memory_info().rss
+    return rss
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process in bytes.
+
+    On Linux, ``VmHWM``: the high-water mark of this process's own address space, which is what
+    ``ru_maxrss`` reports for a process started fresh, except that ``ru_maxrss`` also keeps the
+    RSS of the image that called ``exec`` (for a subprocess: the forked or vforked copy of the
+    parent, the whole benchmark). Elsewhere, ``ru_maxrss`` itself."""
+    peak = _status_bytes("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024   # bytes on macOS, else KiB
+    return peak
+
+
+def measure_memory_here(w: Workload, variant: str) -> dict:
+    """In a fresh process: the step's peak RSS above the RSS just before it.
+
+    The variant first runs once at the tiny check size, so that the lazy imports and one-time
+    initialisations of a first step are not counted; then the real workload is set up and the
+    peak RSS is reset (where the OS allows; otherwise the tiny run's peak is below the step's)
+    before the one measured step."""
+    cw = check_workloads(w)[0]
+    cs, cq = make_data(cw, cw.vocab_size)
+    make_variant(variant, cw, initial_adapters(cw), cs, cq).step()
+    adapters = initial_adapters(w)
+    support, query = make_data(w, model_config(w).vocab_size)
+    runner = make_variant(variant, w, adapters, support, query)
+    gc.collect()
+    before = _rss()
+    _reset_peak_rss()
+    runner.step()
+    peak = _peak_rss()
+    return {"variant": variant, "peak_rss_mb": (peak - before) / 2 ** 20,
+            "base_rss_mb": before / 2 ** 20}
+
+
+def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
+    """Runs ``--measure-memory`` in a fresh process per variant."""
+    def one(variant):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory",
+               "--variant", variant, "--threads", str(torch.get_num_threads()), *w.cli_args()]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in r.stdout.splitlines() if l.startswith(MEMORY_MARK)]
+        if r.returncode != 0 or not lines:
+            raise RuntimeError(f"memory measurement of {variant} failed ({' '.join(cmd)}):\n"
+                               f"{r.stderr[-3000:]}")
+        return variant, json.loads(lines[-1][len(MEMORY_MARK):])
+    with ThreadPoolExecutor(MEMORY_JOBS) as pool:
+        return dict(pool.map(one, variants))
+
+
+def profile_step(runner, name: str, rows: int = 20) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    runner.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.step()
+    print(f"\nprofile of one {name} meta-step: top ops by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------
+COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "preset",
+           "variant",
+           "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows",
+           "seq_len", "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s",
+           "p20_s", "p80_s", "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
+           "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rel_err_vs_naive_peft"]
+
+TABLE = [("variant", "variant", ""), ("num_tasks", "T", "d"), ("median_s", "median s", ".3f"),
+         ("p20_s", "p20", ".3f"), ("p80_s", "p80", ".3f"), ("tokens_per_s", "tok/s", ".0f"),
+         ("ratio_naive_peft", "x naive-peft", ".3f"), ("ratio_floor", "x floor", ".2f"),
+         ("peak_rss_mb", "step MB", ".1f"), ("base_rss_mb", "base MB", ".1f"),
+         ("rel_err_vs_naive_peft", "rel err", ".1e")]
+
+
+def time_variants(runners: dict, warmup: int, repeats: int) -> dict[str, dict]:
+    """``warmup`` untimed steps of every runner, then ``repeats`` rounds in which every runner
+    takes one timed step (``time.perf_counter`` around the whole meta-step) in turn, so that a
+    machine whose load drifts slows every variant alike. Returns per runner its times and the
+    last step's meta-gradient and query loss."""
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.step()
+    res = {name: {"times": []} for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            grad, loss = runner.step()
+            res[name]["times"].append(time.perf_counter() - t0)
+            res[name]["grad"], res[name]["loss"] = grad, loss
+    return res
+
+
+def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dict]:
+    adapters = initial_adapters(w)
+    support, query = make_data(w, model_config(w).vocab_size)
+    n = model_config(w).hidden_size
+    rate = gemm_rate(n)
+    tokens = tokens_per_step(w, support, query)
+    print(f"\n== {w.preset}: {w.describe_model()}, targets {w.targets} r{w.rank}, "
+          f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
+          f"L={w.seq_len}, K={w.inner_steps}; {tokens} tokens/step")
+    if args.sequential:
+        results = {}
+        for name in variants:
+            runner = make_variant(name, w, adapters, support, query)
+            results.update(time_variants({name: runner}, args.warmup, args.repeats))
+            if args.profile and name.startswith("metakernels-"):
+                profile_step(runner, name)
+            del runner
+            gc.collect()
+    else:
+        runners = {name: make_variant(name, w, adapters, support, query) for name in variants}
+        results = time_variants(runners, args.warmup, args.repeats)
+        if args.profile:
+            for name, runner in runners.items():
+                if name.startswith("metakernels-"):
+                    profile_step(runner, name)
+        del runners
+        gc.collect()
+    rate = max(rate, gemm_rate(n))   # the best of before and after: the floor is a best case
+    floor_s = flop_floor(w, adapters, support, query) / rate
+    print(f"fp32 mm {n}x{n}: {rate / 1e9:.1f} GFLOP/s; FLOP floor {floor_s:.3f} s")
+    want = results["naive-peft"]["grad"] if "naive-peft" in results else None
+    base = quantiles(results["naive-peft"]["times"])[0] if "naive-peft" in results else None
+    rows = []
+    for name in variants:
+        res = results[name]
+        med, p20, p80 = quantiles(res["times"])
+        grad = res["grad"]
+        err = rel_err(grad, want) if grad is not None and want is not None else None
+        if not math.isfinite(res["loss"]):
+            raise SystemExit(f"{name}: the query loss is {res['loss']} at the benchmark size")
+        rows.append({**meta, "preset": w.preset, "variant": name, "backend": backend_of(name),
+                     "model": w.describe_model(), "targets": w.targets, "rank": w.rank,
+                     "num_tasks": w.num_tasks, "support_sizes": w.describe_sizes(),
+                     "query_rows": w.query_rows, "seq_len": w.seq_len,
+                     "inner_steps": w.inner_steps, "tokens_per_step": tokens,
+                     "warmup": args.warmup, "repeats": args.repeats, "median_s": med,
+                     "p20_s": p20, "p80_s": p80, "tokens_per_s": tokens / med,
+                     "ratio_naive_peft": med / base if base else None,
+                     "floor_s": floor_s, "ratio_floor": med / floor_s,
+                     "gemm_gflops": rate / 1e9, "rel_err_vs_naive_peft": err})
+        print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
+              + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))
+    mem = measure_memory(w, variants)
+    for r in rows:
+        r.update({k: mem[r["variant"]][k] for k in ("peak_rss_mb", "base_rss_mb")})
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fewshot")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, every variant once, no warm-up (the CI smoke test)")
+    p.add_argument("--sweep-tasks", action="store_true",
+                   help=f"run the preset at T = {', '.join(map(str, SWEEP_TASKS))}")
+    p.add_argument("--variant", action="append", choices=ALL_VARIANTS,
+                   help="run only this variant (repeatable); default: every available one")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant (default 1)")
+    p.add_argument("--repeats", type=int, help="timed steps per variant (default 5)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one variant after another, each torn down before the next is "
+                        "built (default: every variant set up at once and timed in turns, "
+                        "fairer on a machine whose load drifts; needs one model copy per "
+                        "variant in memory)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: torch's choice; 1 with --quick, whose tiny ops "
+                        "only pay for thread synchronisation, worst on a busy machine)")
+    p.add_argument("--csv", type=Path, default=RESULTS / "meta_step.csv")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top ops by self CPU time of one metakernels step")
+    p.add_argument("--measure-memory", action="store_true",
+                   help="(one variant) run one step in this process and print its peak RSS")
+    g = p.add_argument_group("workload (override the preset)")
+    for f in dataclasses.fields(Workload):
+        if f.name != "preset":
+            g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+    args = p.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is None and args.quick:
+        args.threads = 1
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    w = resolve_workload(args)
+    if args.measure_memory:
+        if not args.variant or len(args.variant) != 1:
+            raise SystemExit("--measure-memory takes exactly one --variant")
+        print(MEMORY_MARK + json.dumps(measure_memory_here(w, args.variant[0])))
+        return
+    avail = available_variants()
+    variants = [v for v in avail if not args.variant or v in args.variant]
+    for v in args.variant or ():
+        if v not in avail:
+            raise SystemExit(f"variant {v} cannot run here (backend {backend_of(v)!r} is "
+                             f"unavailable); available: {avail}")
+    meta = run_metadata()
+    print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "
+          f"{meta['torch']}, git {meta['git_rev']}; variants: {', '.join(variants)}")
+    check_variants(w, variants)
+    sweep = (QUICK_SWEEP_TASKS if args.quick else SWEEP_TASKS) if args.sweep_tasks else (None,)
+    rows = []
+    for T in sweep:
+        wt = w if T is None else dataclasses.replace(w, num_tasks=T)
+        new = run_workload(wt, variants, args, meta)
+        append_csv(args.csv, COLUMNS, new)
+        rows += new
+    print(f"\nFOMAML meta-step, preset {w.preset} ({args.warmup} warm-up + {args.repeats} timed "
+          f"steps; 'x' columns are time ratios, lower is better; step MB: peak RSS of a fresh "
+          f"process above its RSS before the step)")
+    print_table(rows, TABLE)
+    print(f"\nappended {len(rows)} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

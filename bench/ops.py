@@ -1,0 +1,343 @@
+"""Microbenchmarks of the ops, each against its plain-PyTorch reference, on every backend that can
+run here (Liger-Kernel style: providers x modes, results appended to one CSV).
+
+Providers: ``reference`` (the op's ``*_ref`` function, autograd for the gradients) and one per
+available backend (the public op under ``metakernels.backend.use_backend``, called the way the
+engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-style buffers).
+Modes: ``forward``, ``backward`` (the backward of one retained forward graph) and ``full``
+(forward + backward); ``fused_update`` and ``meta_reduce`` have a forward only. Every provider is
+checked against the reference (outputs and every gradient) at the benchmark shape before it is
+timed. Times are ``time.perf_counter`` around one call, after warm-up calls; median and p20/p80.
+
+Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P adapter params):
+
+    multi_lora_linear      GFLOP/s  forward 2N in out + 2N r (in + out)
+                                    backward 2N in out (dx) + 4N r (in + out) (dA, dB, LoRA dx)
+    segment_cross_entropy  GFLOP/s  forward 2NdV (logits), backward 2NdV (dh), as the reference
+                                    (and the torch backend, which is the reference) does them.
+                                    The fused kernel (cpu) computes dh in the forward,
+                                    never keeping the logits: its forward counts 4NdV and its
+                                    backward N d (a row scaling). Compare providers on ``full``.
+    fused_update           GB/s     sgd: read fast, grad, write fast (12 TP bytes);
+                                    adam: + read/write both moments (28 TP bytes)
+    meta_reduce            GB/s     read T x P (+ theta for reptile), write P
+
+Commands::
+
+    python bench/ops.py                     # every op, every provider, every mode
+    python bench/ops.py --op multi_lora_linear
+    python bench/ops.py --quick --csv /tmp/ops.csv
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from common import RESULTS, append_csv, print_table, quantiles, run_metadata, time_calls
+
+import torch  # noqa: E402
+
+from metakernels import TaskLayout, backend  # noqa: E402
+from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_reduce  # noqa: E402
+from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref  # noqa: E402
+from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref  # noqa: E402
+
+CHECK_RTOL = 1e-4   # relative (norm) error allowed against the reference, fp32
+OPS = ("multi_lora_linear", "segment_cross_entropy", "fused_update", "meta_reduce")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def zipf_sizes(T: int, largest: int, alpha: float = 1.5) -> list[int]:
+    return [max(1, round(largest / (t + 1) ** alpha)) for t in range(T)]
+
+
+def layout_name(sizes) -> str:
+    return f"{len(sizes)}x{sizes[0]}" if len(set(sizes)) == 1 else "ragged " + ",".join(
+        map(str, sizes))
+
+
+class Runner:
+    """One provider on one case: ``forward()`` builds an output, ``backward()`` runs the
+    backward of the last forward's graph, ``outputs()`` lists what the check compares."""
+
+    def __init__(self, forward, backward=None, outputs=None):
+        self._forward, self._backward, self._outputs = forward, backward, outputs
+        self.out = None
+
+    def forward(self):
+        self.out = self._forward()
+
+    def backward(self):
+        self._backward(self.out)
+
+    def full(self):
+        self.forward()
+        self.backward()
+
+    def outputs(self) -> list[torch.Tensor]:
+        return self._outputs(self.out)
+
+
+def _dispatch(provider: str, fn):
+    """``fn`` run under the provider's backend (the reference needs no dispatch)."""
+    if provider == "reference":
+        return fn
+
+    def run(*a, **k):
+        with backend.use_backend(provider):
+            return fn(*a, **k)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+class MultiLoraLinearCase:
+    op, metric, modes = "multi_lora_linear", "GFLOP/s", ("forward", "backward", "full")
+
+    def __init__(self, tokens_per_task, in_f, out_f, rank, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        T = len(tokens_per_task)
+        self.layout = TaskLayout.from_sizes(tokens_per_task)
+        N = self.layout.num_rows
+        self.x = torch.randn(N, in_f, generator=g)
+        self.W = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+        self.b = torch.randn(out_f, generator=g)
+        self.A = torch.randn(T, in_f, rank, generator=g) / math.sqrt(in_f)
+        self.B = torch.randn(T, rank, out_f, generator=g) / math.sqrt(rank)
+        self.dy = torch.randn(N, out_f, generator=g)
+        self.scale = 2.0
+        self.config = f"N={N} {in_f}->{out_f} r={rank} T={T} {layout_name(tokens_per_task)}"
+        lora = N * rank * (in_f + out_f)
+        self._work = {"forward": 2 * N * in_f * out_f + 2 * lora,
+                      "backward": 2 * N * in_f * out_f + 4 * lora}
+        self._work["full"] = self._work["forward"] + self._work["backward"]
+
+    def work(self, mode, provider):
+        return self._work[mode]
+
+    def runner(self, provider):
+        x = self.x.clone().requires_grad_(True)
+        A = self.A.clone().requires_grad_(True)
+        B = self.B.clone().requires_grad_(True)
+        if provider == "reference":
+            fwd = lambda: multi_lora_linear_ref(x, self.W, self.b, A, B, self.layout, self.scale)
+            grads = lambda: [x.grad, A.grad, B.grad]
+        else:   # as the bank runs it: adapter gradients land in flat buffers
+            gA, gB = torch.zeros_like(A), torch.zeros_like(B)
+            fwd = _dispatch(provider, lambda: multi_lora_linear(
+                x, self.W, self.b, A, B, self.layout, self.scale, gA, gB))
+            grads = lambda: [x.grad, gA, gB]
+        return Runner(fwd, lambda y: y.backward(self.dy, retain_graph=True),
+                      lambda y: [y.detach(), *grads()])
+
+
+class SegmentCrossEntropyCase:
+    op, metric, modes = "segment_cross_entropy", "GFLOP/s", ("forward", "backward", "full")
+
+    def __init__(self, tokens_per_task, hidden, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        T = len(tokens_per_task)
+        self.layout = TaskLayout.from_sizes(tokens_per_task)
+        N = self.layout.num_rows
+        self.h = torch.randn(N, hidden, generator=g)
+        self.W = torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)
+        labels = torch.randint(0, vocab, (N,), generator=g)
+        ignore = torch.rand(N, generator=g) < 0.3          # the prompt tokens
+        self.labels = torch.where(ignore, torch.full_like(labels, -100), labels)
+        self.dloss = torch.rand(T, generator=g) + 0.5
+        self.config = f"N={N} d={hidden} V={vocab} T={T}"
+        self.sizes = (N, hidden, vocab)
+
+    def work(self, mode, provider):
+        N, d, V = self.sizes
+        if provider == "cpu":   # fused: dh computed in the forward
+            return {"forward": 4 * N * d * V, "backward": N * d,
+                    "full": 4 * N * d * V + N * d}[mode]
+        return {"forward": 2 * N * d * V, "backward": 2 * N * d * V, "full": 4 * N * d * V}[mode]
+
+    def runner(self, provider):
+        h = self.h.clone().requires_grad_(True)
+        fn = segment_cross_entropy_ref if provider == "reference" else _dispatch(
+            provider, segment_cross_entropy)
+        return Runner(lambda: fn(h, self.W, self.labels, self.layout),
+                      lambda loss: loss.backward(self.dloss, retain_graph=True),
+                      lambda loss: [loss.detach(), h.grad])
+
+
+class FusedUpdateCase:
+    op, metric, modes = "fused_update", "GB/s", ("forward",)
+
+    def __init__(self, num_tasks, num_params, optimizer, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        T, P = num_tasks, num_params
+        self.fast = torch.randn(T, P, generator=g)
+        self.grad = torch.randn(T, P, generator=g) * 1e-2
+        self.lr = torch.rand(T, generator=g) * 1e-3 + 1e-4
+        self.optimizer = optimizer
+        self.kw = dict(optimizer=optimizer, max_grad_norm=1.0, weight_decay=0.01)
+        self.config = f"T={T} P={P} {optimizer}"
+        self._bytes = 4 * T * P * (3 if optimizer == "sgd" else 7)
+
+    def work(self, mode, provider):
+        return self._bytes
+
+    def runner(self, provider):
+        fast = self.fast.clone()
+        state = AdamState.zeros_like(fast) if self.optimizer == "adam" else None
+        fn = fused_update_ref if provider == "reference" else _dispatch(provider, fused_update)
+
+        def outputs(res):
+            norms, finite = res
+            extra = [state.exp_avg, state.exp_avg_sq, state.step] if state is not None else []
+            return [fast, norms, finite.float(), *extra]
+        return Runner(lambda: fn(fast, self.grad, self.lr, state=state, **self.kw),
+                      outputs=outputs)
+
+
+class MetaReduceCase:
+    op, metric, modes = "meta_reduce", "GB/s", ("forward",)
+
+    def __init__(self, num_tasks, num_params, kind, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        T, P = num_tasks, num_params
+        self.x = torch.randn(T, P, generator=g)
+        self.w = torch.softmax(torch.randn(T, generator=g), 0)
+        self.theta = torch.randn(P, generator=g) if kind == "reptile" else None
+        self.kind = kind
+        self.config = f"T={T} P={P} {kind}"
+        self._bytes = 4 * (T * P + P * (2 if kind == "reptile" else 1))
+
+    def work(self, mode, provider):
+        return self._bytes
+
+    def runner(self, provider):
+        fn = meta_reduce_ref if provider == "reference" else _dispatch(provider, meta_reduce)
+        return Runner(lambda: fn(self.kind, self.x, self.w, self.theta), outputs=lambda y: [y])
+
+
+def cases(op: str, quick: bool) -> list:
+    """Realistic shapes: the fewshot preset's layers (d 512, r 16, 8 tasks of 2 x 64 tokens),
+    a Zipf-1.5 mix of task sizes (punica's), an MLP projection, 32 tasks, a 32k vocabulary."""
+    P_FEWSHOT = 6 * 4 * 16 * (512 + 512)   # q/k/v/o adapters of the fewshot model, rank 16
+    if op == "multi_lora_linear":
+        if quick:
+            return [MultiLoraLinearCase([8, 8, 8], 32, 40, 4),
+                    MultiLoraLinearCase([10, 0, 6], 32, 40, 4)]
+        return [MultiLoraLinearCase([128] * 8, 512, 512, 16),
+                MultiLoraLinearCase([64 * n for n in zipf_sizes(8, 8)], 512, 512, 16),
+                MultiLoraLinearCase([128] * 8, 512, 1376, 16),
+                MultiLoraLinearCase([128] * 32, 512, 512, 16)]
+    if op == "segment_cross_entropy":
+        if quick:
+            return [SegmentCrossEntropyCase([16, 8, 24], 32, 100)]
+        return [SegmentCrossEntropyCase([128] * 8, 512, 1024),
+                SegmentCrossEntropyCase([128] * 8, 512, 32000)]
+    if op == "fused_update":
+        shapes = [(3, 1000)] if quick else [(8, P_FEWSHOT), (32, P_FEWSHOT)]
+        return [FusedUpdateCase(T, P, o) for T, P in shapes for o in ("sgd", "adam")]
+    shapes = [(3, 1000)] if quick else [(8, P_FEWSHOT), (32, P_FEWSHOT)]
+    return [MetaReduceCase(T, P, k) for T, P in shapes for k in ("fomaml", "reptile")]
+
+
+def providers() -> list[str]:
+    """The reference and every backend that runs here (CPU tensors: the triton backend is a
+    CPU interpreter for tests there, not something to time)."""
+    return ["reference"] + [b for b in ("torch", "cpu") if backend.available(b)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------------------
+def check(case, provider: str, want: list[torch.Tensor]) -> None:
+    r = case.runner(provider)
+    r.forward() if case.modes == ("forward",) else r.full()
+    got = r.outputs()
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = rel_err(a, b)
+        if not err < CHECK_RTOL:
+            raise SystemExit(f"{case.op} [{case.config}]: provider {provider} output {i} "
+                             f"(shape {tuple(b.shape)}) differs from the reference, relative "
+                             f"error {err:.2e}; not timing a wrong op")
+
+
+def bench_case(case, provs, args, meta) -> list[dict]:
+    ref = case.runner("reference")
+    ref.forward() if case.modes == ("forward",) else ref.full()
+    want = [t.clone() for t in ref.outputs()]
+    for p in provs:
+        if p != "reference":
+            check(case, p, want)
+    rows = []
+    for mode in case.modes:
+        for p in provs:
+            r = case.runner(p)
+            if mode == "backward":
+                r.forward()
+                times = time_calls(r.backward, args.warmup, args.repeats)
+            else:
+                times = time_calls(getattr(r, mode), args.warmup, args.repeats)
+            med, p20, p80 = quantiles(times)
+            rows.append({**meta, "op": case.op, "config": case.config, "provider": p,
+                         "backend": "torch" if p == "reference" else p, "mode": mode,
+                         "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
+                         "metric": case.metric, "throughput": case.work(mode, p) / med / 1e9})
+        ref_med = next(r["median_ms"] for r in rows
+                       if r["mode"] == mode and r["provider"] == "reference")
+        for r in rows:
+            if r["mode"] == mode:
+                r["speedup_vs_reference"] = ref_med / r["median_ms"]
+    return rows
+
+
+COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
+           "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
+           "throughput", "speedup_vs_reference"]
+TABLE = [("config", "config", ""), ("mode", "mode", ""), ("provider", "provider", ""),
+         ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"),
+         ("throughput", "rate", ".2f"), ("metric", "unit", ""),
+         ("speedup_vs_reference", "x faster than ref", ".2f")]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", action="append", choices=OPS, help="run only this op (repeatable)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 warm-up, 2 timed calls")
+    p.add_argument("--warmup", type=int, help="untimed calls (default 3)")
+    p.add_argument("--repeats", type=int, help="timed calls (default 20)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 with --quick)")
+    p.add_argument("--csv", type=Path, default=RESULTS / "ops.csv")
+    args = p.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    meta = run_metadata()
+    provs = providers()
+    print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "
+          f"{meta['torch']}, git {meta['git_rev']}; providers: {', '.join(provs)}")
+    total = 0
+    for op in args.op or OPS:
+        rows = []
+        for case in cases(op, args.quick):
+            rows += bench_case(case, provs, args, meta)
+        append_csv(args.csv, COLUMNS, rows)
+        total += len(rows)
+        print(f"\n{op} ({args.warmup} warm-up + {args.repeats} timed calls)")
+        print_table(rows, TABLE)
+    print(f"\nappended {total} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Smoke test of the benchmark scripts: in quick mode they run, exit 0 and write well-formed CSVs
+that ``bench/plot.py`` draws. Timings are never asserted; the meta-gradient errors are (every
+variant is checked against the per-task PEFT loop before it is timed)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metakernels import backend
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+META_STEP_COLUMNS = [
+    "timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "preset", "variant",
+    "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows", "seq_len",
+    "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s", "p20_s", "p80_s",
+    "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor", "gemm_gflops", "peak_rss_mb",
+    "base_rss_mb", "rel_err_vs_naive_peft"]
+META_STEP_POSITIVE = ["cores", "threads", "rank", "num_tasks", "query_rows", "seq_len",
+                      "inner_steps", "tokens_per_step", "repeats", "median_s", "p20_s", "p80_s",
+                      "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
+                      "gemm_gflops", "peak_rss_mb", "base_rss_mb"]
+OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
+               "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
+               "throughput", "speedup_vs_reference"]
+OPS_POSITIVE = ["cores", "threads", "median_ms", "p20_ms", "p80_ms", "throughput",
+                "speedup_vs_reference"]
+BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
+
+
+def run_script(script, *args, timeout=900):
+    env = dict(os.environ)
+    env.pop("METAKERNELS_BACKEND", None)   # the scripts choose every backend themselves
+    r = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (f"{script} {' '.join(map(str, args))} exited {r.returncode}\n"
+                               f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}")
+    return r
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def assert_positive(row, columns):
+    for c in columns:
+        v = float(row[c])
+        assert math.isfinite(v) and v > 0, f"column {c} of {row} is {row[c]!r}"
+
+
+@pytest.fixture(scope="module")
+def meta_step_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "meta_step.csv"
+    run_script("meta_step.py", "--quick", "--csv", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ops_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "ops.csv"
+    run_script("ops.py", "--quick", "--csv", path)
+    return path
+
+
+def test_meta_step_quick_writes_one_row_per_variant(meta_step_csv):
+    columns, rows = read_csv(meta_step_csv)
+    assert columns == META_STEP_COLUMNS
+    variants = [r["variant"] for r in rows]
+    want = {"naive-peft", "naive-full", "vmap"} | {f"metakernels-{b}" for b in BACKENDS}
+    assert sorted(variants) == sorted(want)
+    for r in rows:
+        assert_positive(r, META_STEP_POSITIVE)
+        assert float(r["p20_s"]) <= float(r["median_s"]) <= float(r["p80_s"])
+        assert r["backend"] == (r["variant"].split("-", 1)[1] if r["variant"].startswith(
+            "metakernels-") else "torch")
+        if r["variant"] == "naive-peft":
+            assert float(r["ratio_naive_peft"]) == 1.0
+        if r["variant"] == "naive-full":   # full-parameter: no LoRA meta-gradient to compare
+            assert r["rel_err_vs_naive_peft"] == ""
+        else:
+            assert float(r["rel_err_vs_naive_peft"]) < 1e-4
+    assert len({(r["timestamp"], r["git_rev"], r["model"], r["num_tasks"]) for r in rows}) == 1
+
+
+def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
+    columns, rows = read_csv(ops_csv)
+    assert columns == OPS_COLUMNS
+    keys = [(r["op"], r["config"], r["provider"], r["mode"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {r["op"] for r in rows} == {"multi_lora_linear", "segment_cross_entropy",
+                                       "fused_update", "meta_reduce"}
+    providers = {"reference", *BACKENDS}
+    for op, config in {(r["op"], r["config"]) for r in rows}:
+        modes = {r["mode"] for r in rows if (r["op"], r["config"]) == (op, config)}
+        want_modes = {"forward"} if op in ("fused_update", "meta_reduce") else {
+            "forward", "backward", "full"}
+        assert modes == want_modes, (op, config)
+        for mode in modes:
+            got = {r["provider"] for r in rows if (r["op"], r["config"], r["mode"]) ==
+                   (op, config, mode)}
+            assert got == providers, (op, config, mode)
+    for r in rows:
+        assert_positive(r, OPS_POSITIVE)
+        assert r["metric"] in ("GFLOP/s", "GB/s")
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+
+
+def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
+    run_script("plot.py", "--meta-step-csv", meta_step_csv, "--ops-csv", ops_csv,
+               "--out-dir", tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert sum(n.startswith("meta_step_") for n in pngs) == 1
+    assert {f"ops_{op}.png" for op in ("multi_lora_linear", "segment_cross_entropy",
+                                       "fused_update", "meta_reduce")} <= set(pngs)
+    for n in pngs:
+        assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

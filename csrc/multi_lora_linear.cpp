@@ -74,6 +74,17 @@ void lora_forward(const Segments& seg, const LoraDims& d, const at::Tensor& xf,
   }
 }
 
+// out += scale * a @ b over the batch. out is a view of the bank's flat gradient ([T, P]
+// sliced), whose batch stride is P: ATen's baddbmm_ into such a view runs one addmm_ per
+// batch, so one batched GEMM fills a contiguous product that is then added in.
+void accumulate_bmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (out.is_contiguous()) {
+    out.baddbmm_(a, b, 1.0, scale);
+    return;
+  }
+  out.add_(at::bmm(a, b), scale);
+}
+
 // g = dy @ B[t].T; dA[t] += scale x_t.T g; dB[t] += scale xa_t.T dy_t;
 // dx_t (+)= scale g A[t].T with the given beta (when dx is defined).
 void lora_backward(const Segments& seg, const LoraDims& d, const at::Tensor& dyf,
@@ -84,8 +95,8 @@ void lora_backward(const Segments& seg, const LoraDims& d, const at::Tensor& dyf
     const int64_t n = seg.uniform;
     at::Tensor dy3 = dyf.view({d.T, n, d.out});
     at::Tensor g = at::bmm(dy3, B.transpose(1, 2));
-    dA.baddbmm_(xf.view({d.T, n, d.in}).transpose(1, 2), g, 1.0, scale);
-    dB.baddbmm_(xa.view({d.T, n, d.r}).transpose(1, 2), dy3, 1.0, scale);
+    accumulate_bmm(dA, xf.view({d.T, n, d.in}).transpose(1, 2), g, scale);
+    accumulate_bmm(dB, xa.view({d.T, n, d.r}).transpose(1, 2), dy3, scale);
     if (dx) dx->view({d.T, n, d.in}).baddbmm_(g, A.transpose(1, 2), beta, scale);
     return;
   }

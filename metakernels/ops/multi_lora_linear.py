@@ -68,6 +68,15 @@ def _torch_fwd(x, W, b, A, B, layout: TaskLayout, scale: float):
     return y, xa
 
 
+def _accumulate_bmm(out, a, b, scale: float) -> None:
+    """out += scale * a @ b. ``out`` is usually a view of the bank's [T, P] gradient, whose batch
+    stride makes ``baddbmm_`` run one ``addmm_`` per task; one ``bmm`` then one add is faster."""
+    if out.is_contiguous():
+        out.baddbmm_(a, b, alpha=scale)
+    else:
+        out.add_(torch.bmm(a, b), alpha=scale)
+
+
 def _torch_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, need_dx: bool):
     T, in_f, r = A.shape
     out_f = B.shape[-1]
@@ -77,8 +86,8 @@ def _torch_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, nee
     if n is not None:
         dy3 = dyf.view(T, n, out_f)
         g = torch.bmm(dy3, B.transpose(1, 2))                       # [T, n, r]
-        dA.baddbmm_(xf.view(T, n, in_f).transpose(1, 2), g, alpha=scale)
-        dB.baddbmm_(xa.view(T, n, r).transpose(1, 2), dy3, alpha=scale)
+        _accumulate_bmm(dA, xf.view(T, n, in_f).transpose(1, 2), g, scale)
+        _accumulate_bmm(dB, xa.view(T, n, r).transpose(1, 2), dy3, scale)
         dx_lora = torch.bmm(g, A.transpose(1, 2)).view(-1, in_f) if need_dx else None
     else:
         dx_lora = xf.new_empty(x.shape[0], in_f) if need_dx else None

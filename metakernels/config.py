@@ -35,6 +35,9 @@ class ModelConfig:
     lora_dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
     init_adapter: Union[str, None] = None  # a PEFT adapter directory to start theta from
+    # Llama-family RMSNorm/SwiGLU/rotary as autograd functions that keep only what a frozen
+    # base's backward needs (metakernels/fused.py); same forward values as the library's
+    fused_layers: bool = True
 
 
 @dataclass

@@ -80,6 +80,10 @@ def build_model(cfg: Config, vocab_size: int):
                                  intermediate_size=m.intermediate_size,
                                  initializer_range=m.initializer_range,
                                  attn_implementation=attn)
+    if m.fused_layers:
+        from .fused import apply_fused_layers
+
+        apply_fused_layers(model)
     return model.to(cfg.trainer.device).eval()
 
 

@@ -1,0 +1,228 @@
+"""Memory-lean forms of a frozen Llama-family base's non-GEMM layers: RMSNorm, SwiGLU, rotary.
+
+Every task of a meta-batch runs through the base at once, so the activations autograd keeps for
+the backward grow with T; for a frozen base most of them are not needed. Plain PyTorch keeps, per
+decoder layer and token, the MLP's gate, up and ``silu(gate)`` (3 x intermediate), the rotary
+products and their halves (several x hidden) and the RMSNorm intermediates. The autograd
+functions here compute the forward exactly as Hugging Face's modules do (same operations, same
+rounding) and keep only what their backward needs:
+
+- ``rms_norm``: the input and the per-row ``rsqrt`` (``dx = r * (g - xhat * mean(g * xhat))``,
+  ``g = dy * w``);
+- ``swiglu``: gate and up (``silu`` is recomputed in the backward);
+- ``rotary``: nothing of q or k, the map being linear (``cos`` and ``sin`` only).
+
+Their backwards are built from differentiable ops, so second-order MAML (``create_graph=True``)
+differentiates through them. ``apply_fused_layers(model)`` switches a model's modules to them
+(Llama, Mistral, Qwen2 and the like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs
+with ``gate_proj``/``up_proj``/``down_proj`` and a SiLU, attentions calling their modeling file's
+``apply_rotary_pos_emb``); other models are left as they are. The switch is per model instance:
+other models in the process keep the library's code.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)   # fp32, fp64 for fp64 inputs
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's ``LlamaRMSNorm.forward`` (which computes in fp32 even for fp64 inputs)."""
+    xf = x.to(_compute_dtype(x))
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * r).to(x.dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(_compute_dtype(x))
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        ctx.eps = eps
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # Double backward: r was computed without a graph in the forward; recompute it from
+            # x so that the second derivative sees its dependence on x.
+            xf = x.to(r.dtype)
+            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        xhat = x.to(r.dtype) * r
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = (dy * weight).to(r.dtype)
+            dx = (r * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dy * xhat.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x**2) + eps)`` (in fp32, cast back), saving only x and rsqrt."""
+    return _RMSNormFn.apply(x, weight, eps)
+
+
+def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+# ---------------------------------------------------------------------------------------------
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate = dup = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():          # double backward: differentiable formula
+                s = torch.sigmoid(gate)
+                dgate = dy * up * s * (1 + gate * (1 - s))
+            else:
+                dgate = torch.ops.aten.silu_backward(dy * up, gate)
+        if ctx.needs_input_grad[1]:
+            dup = dy * F.silu(gate)
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, saving only gate and up."""
+    return _SwiGLUFn.apply(gate, up)
+
+
+def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``_rotate_half`` (its inverse): ``[a, b] -> [b, -a]``."""
+    h = x.shape[-1] // 2
+    return torch.cat((x[..., h:], -x[..., :h]), dim=-1)
+
+
+class _RotaryFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        # cos and sin broadcast over heads: q and k have the outputs' shapes.
+        dq = dq * cos + _rotate_half_t(dq * sin) if ctx.needs_input_grad[0] else None
+        dk = dk * cos + _rotate_half_t(dk * sin) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's ``apply_rotary_pos_emb``, keeping only cos and sin for the backward."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    if cos.requires_grad or sin.requires_grad:
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return _RotaryFn.apply(q, k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Switching a model's modules
+# ---------------------------------------------------------------------------------------------
+_ACTIVE = threading.local()
+
+
+def _fused_active() -> bool:
+    return getattr(_ACTIVE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _fused_scope():
+    _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _ACTIVE.depth -= 1
+
+
+def _patch_rotary_global(module_name: str) -> bool:
+    """Makes ``module_name.apply_rotary_pos_emb`` use ``rotary`` inside patched attentions (a
+    dispatcher: attentions of unpatched models keep the library's function)."""
+    mod = sys.modules.get(module_name)
+    original = getattr(mod, "apply_rotary_pos_emb", None)
+    if original is None:
+        return False
+    if getattr(original, "_metakernels_original", None) is not None:
+        return True
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _fused_active():
+            return rotary(q, k, cos, sin, *args, **kwargs)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._metakernels_original = original
+    mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return True
+
+
+def _scoped_attention_forward(self, *args, **kwargs):
+    # A method bound to the instance (not a closure over it), so that copy.deepcopy of the
+    # model binds the copy's forward to the copy.
+    with _fused_scope():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def apply_fused_layers(model: nn.Module) -> dict[str, int]:
+    """Switches ``model``'s RMSNorms, SwiGLU MLPs and rotary embeddings to the memory-lean
+    functions above; returns how many modules of each kind were switched. Idempotent."""
+    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    for m in model.modules():
+        if getattr(m, "_metakernels_fused", False):
+            continue
+        name = type(m).__name__
+        if (name.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
+                and isinstance(getattr(m, "weight", None), torch.Tensor)):
+            m.forward = types.MethodType(_rms_norm_forward, m)
+            counts["rms_norm"] += 1
+        elif (all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))
+              and _is_silu(getattr(m, "act_fn", None))):
+            m.forward = types.MethodType(_swiglu_mlp_forward, m)
+            counts["swiglu"] += 1
+        elif (name.endswith("Attention") and hasattr(m, "q_proj")
+              and _patch_rotary_global(type(m).__module__)):
+            m.forward = types.MethodType(_scoped_attention_forward, m)
+            counts["rotary"] += 1
+        else:
+            continue
+        m._metakernels_fused = True
+    return counts

@@ -1,0 +1,152 @@
+"""The memory-lean RMSNorm / SwiGLU / rotary against Hugging Face's code: values, gradients
+(first and second order) and the saved activations."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metakernels import fused
+from metakernels.lora import inject
+from metakernels.models import build_tiny_model
+
+from conftest import random_batch
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+
+
+def _close(a, b, dtype):
+    tol = TOL[dtype]
+    assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol), \
+        float((a.double() - b.double()).abs().max())
+
+
+def _hf_rotary(q, k, cos, sin):
+    from transformers.models.llama import modeling_llama as m
+    orig = getattr(m.apply_rotary_pos_emb, "_metakernels_original", m.apply_rotary_pos_emb)
+    return orig(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 48)])
+def test_rms_norm_matches_reference(dtype, shape):
+    x = _rand(*shape, dtype=dtype).requires_grad_()
+    w = _rand(shape[-1], dtype=dtype, seed=1).requires_grad_()
+    dy = _rand(*shape, dtype=dtype, seed=2)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = fused.rms_norm(x, w, 1e-6)
+    y_ref = fused._rms_norm_ref(x2, w2, 1e-6)
+    assert torch.equal(y, y_ref)          # the same operations in the forward
+    y.backward(dy)
+    y_ref.backward(dy)
+    _close(x.grad, x2.grad, dtype)
+    _close(w.grad, w2.grad, dtype)
+
+
+def test_fused_functions_gradcheck_first_and_second_order():
+    x = _rand(3, 4, 10, dtype=torch.float64).requires_grad_()
+    w = _rand(10, dtype=torch.float64, seed=1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: fused.rms_norm(a, b, 1e-5), (x, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: fused.rms_norm(a, b, 1e-5), (x, w))
+    g = _rand(5, 9, dtype=torch.float64, seed=2).requires_grad_()
+    u = _rand(5, 9, dtype=torch.float64, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(fused.swiglu, (g, u))
+    assert torch.autograd.gradgradcheck(fused.swiglu, (g, u))
+    q = _rand(2, 3, 5, 8, dtype=torch.float64, seed=4).requires_grad_()
+    k = _rand(2, 1, 5, 8, dtype=torch.float64, seed=5).requires_grad_()
+    cos, sin = _rand(2, 5, 8, dtype=torch.float64, seed=6), _rand(2, 5, 8, dtype=torch.float64,
+                                                                  seed=7)
+    assert torch.autograd.gradcheck(lambda a, b: fused.rotary(a, b, cos, sin), (q, k))
+    assert torch.autograd.gradgradcheck(lambda a, b: fused.rotary(a, b, cos, sin), (q, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_and_rotary_match_hugging_face(dtype):
+    g = _rand(6, 11, dtype=dtype).requires_grad_()
+    u = _rand(6, 11, dtype=dtype, seed=1).requires_grad_()
+    g2, u2 = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    y, y_ref = fused.swiglu(g, u), F.silu(g2) * u2
+    assert torch.equal(y, y_ref)
+    dy = _rand(6, 11, dtype=dtype, seed=2)
+    y.backward(dy)
+    y_ref.backward(dy)
+    _close(g.grad, g2.grad, dtype)
+    _close(u.grad, u2.grad, dtype)
+
+    q = _rand(2, 4, 7, 6, dtype=dtype, seed=3).requires_grad_()
+    k = _rand(2, 2, 7, 6, dtype=dtype, seed=4).requires_grad_()
+    cos, sin = _rand(2, 7, 6, dtype=dtype, seed=5), _rand(2, 7, 6, dtype=dtype, seed=6)
+    q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    out, ref = fused.rotary(q, k, cos, sin), _hf_rotary(q2, k2, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    dq, dk = _rand(*q.shape, dtype=dtype, seed=7), _rand(*k.shape, dtype=dtype, seed=8)
+    torch.autograd.backward(out, (dq, dk))
+    torch.autograd.backward(ref, (dq, dk))
+    _close(q.grad, q2.grad, dtype)
+    _close(k.grad, k2.grad, dtype)
+
+
+def _saved_bytes(fn, model, bank):
+    """Bytes of the activations autograd saves while running ``fn`` (weights not counted)."""
+    weights = {p.untyped_storage().data_ptr()
+               for p in [*model.parameters(), *model.buffers(), bank.theta, bank.fast]}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_fused_model_equals_plain_model_and_saves_less(family):
+    base = build_tiny_model(family, vocab_size=61, hidden_size=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=72)
+    plain = copy.deepcopy(base)
+    counts = fused.apply_fused_layers(base)
+    # A deep copy of a switched model runs its own weights (methods rebind to the copy).
+    twin, plain_twin = copy.deepcopy(base), copy.deepcopy(plain)
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), plain_twin.parameters()):
+            p.mul_(1.5)
+            q.mul_(1.5)
+    ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, plain_twin(input_ids=ids).logits)
+        assert torch.equal(base(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert counts == {"rms_norm": 5, "swiglu": 2, "rotary": 2}
+    assert fused.apply_fused_layers(base) == {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    grads = []
+    saved = []
+    for m in (base, plain):
+        bank = inject(m, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8, num_tasks=1)
+        with torch.no_grad():
+            bank.theta.copy_(_rand(bank.num_params, seed=9) * 0.1)
+        batch = random_batch([3], 61, seed=3)
+        with bank.activate(bank.theta.unsqueeze(0), batch.token_layout):
+            logits, nbytes = _saved_bytes(lambda: m(input_ids=batch.input_ids,
+                                                    attention_mask=batch.attention_mask).logits,
+                                          m, bank)
+            loss = F.cross_entropy(logits.reshape(-1, 61), batch.labels.reshape(-1))
+            grads.append((logits.detach(), torch.autograd.grad(loss, bank.theta)[0]))
+        saved.append(nbytes)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    # SwiGLU no longer keeps silu(gate): one [rows, intermediate] fp32 tensor per layer less.
+    # (RMSNorm and rotary already kept only what they need: autograd does not save the
+    # operands of a product with a frozen factor.)
+    assert saved[1] - saved[0] == 2 * batch.input_ids.numel() * 72 * 4, saved
+    # The unpatched copy still ran the library's rotary function.
+    from transformers.models.llama import modeling_llama as m
+    assert not fused._fused_active()
+    assert hasattr(m.apply_rotary_pos_emb, "_metakernels_original") or family != "llama"

@@ -8,5 +8,5 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet "torch==2.13.0"
 "$PY" -m pip install --quiet setuptools wheel pybind11 ninja
-"$PY" -m pip install --quiet --no-build-isolation -e ".[test,triton]"
+"$PY" -m pip install --quiet --no-build-isolation -e ".[test,triton,bench]"
 "$PY" -c "import metakernels.backend as b; print('metakernels installed; C++ extension:', 'built' if b.cpu_available() else 'not built (' + str(b._load_cpu_extension()) + ')')"

@@ -6,7 +6,10 @@ variant starts from the same model weights, the same initial adapters (theta) an
 
     metakernels-<backend>  ``fomaml_step``: all tasks in one pass over the frozen base, on every
                            backend that can run here (torch always, cpu when ``metakernels._C``
-                           is built)
+                           is built); ``--task-chunk C`` runs it C tasks at a time (the
+                           memory-saving mode, reported as ``metakernels-<backend>-chunkC``)
+    metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/
+                           rotary layers and with the loss from the materialised logits
     naive-peft             ``naive_step``: one task after another on a PEFT LoRA model (the seeds'
                            Meta-LoRA, done right)
     naive-full             full-parameter FOMAML as in the MAML-SFT seed: per task, clone every
@@ -51,6 +54,7 @@ Results are appended to ``bench/results/meta_step.csv``; ``bench/plot.py`` draws
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -72,10 +76,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
 from metakernels.bank import AdapterBank  # noqa: E402
+from metakernels.fused import apply_fused_layers  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss, fomaml_step  # noqa: E402
 from metakernels.meta import make_peft_model, naive_step  # noqa: E402
+from metakernels.meta import fomaml as fomaml_module  # noqa: E402
+from metakernels.meta.chunked import chunked_step  # noqa: E402
+from metakernels.meta.common import hidden_states  # noqa: E402
+from metakernels.ops.segment_cross_entropy import segment_cross_entropy_ref  # noqa: E402
 from metakernels.models import build_tiny_model, tiny_config  # noqa: E402
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -116,6 +125,7 @@ class Workload:
     inner_steps: int = 5
     inner_lr: float = 1e-2
     seed: int = 0
+    task_chunk: int = 0             # metakernels variants: tasks per chunk (memory-saving mode)
 
     def intermediate(self) -> int:
         return self.intermediate_size or 32 * math.ceil(8 * self.hidden_size / 3 / 32)
@@ -257,10 +267,23 @@ def inner_config(w: Workload) -> InnerConfig:
 # Variants: each builds its own copy of the same model; step() runs one whole meta-step and
 # returns (LoRA meta-gradient [P] in the bank's layout or None, mean query loss)
 # ---------------------------------------------------------------------------------------------
+def plain_task_losses(model: nn.Module, batch: PackedBatch, chunk_size: int = 0) -> torch.Tensor:
+    """Per-task losses through the materialised [N, V] logits and autograd (the unfused loss)."""
+    h = hidden_states(model, batch)
+    W = model.get_output_embeddings().weight
+    return segment_cross_entropy_ref(h, W.detach(), batch.labels.reshape(-1), batch.token_layout)
+
+
 class Metakernels:
-    def __init__(self, w, adapters, support, query, backend_name):
-        self.backend_name = backend_name
+    """``fomaml_step``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and with
+    the loss computed from the materialised logits instead of ``segment_cross_entropy``."""
+
+    def __init__(self, w, adapters, support, query, backend_name, plain=False):
+        self.backend_name, self.plain = backend_name, plain
         self.model = build_base(w)
+        if not plain:
+            apply_fused_layers(self.model)
+        self.task_chunk = w.task_chunk
         self.bank = inject(self.model, w.target_modules(), w.rank, w.alpha, w.num_tasks,
                            init=False)
         if [s.name for s in self.bank.slots] != [s.name for s in adapters.slots]:
@@ -270,9 +293,25 @@ class Metakernels:
         self.support, self.query, self.cfg = support, query, inner_config(w)
 
     def step(self):
-        with backend.use_backend(self.backend_name):
-            r = fomaml_step(self.model, self.bank, self.support, self.query, self.cfg)
+        with backend.use_backend(self.backend_name), self._loss():
+            if self.task_chunk and self.task_chunk < self.support.num_tasks:
+                r = chunked_step("fomaml", self.model, self.bank, self.support, self.query,
+                                 self.cfg, self.task_chunk)
+            else:
+                r = fomaml_step(self.model, self.bank, self.support, self.query, self.cfg)
         return r.meta_grad, r.meta_loss
+
+    @contextlib.contextmanager
+    def _loss(self):
+        if not self.plain:
+            yield
+            return
+        saved = fomaml_module.task_losses
+        fomaml_module.task_losses = plain_task_losses
+        try:
+            yield
+        finally:
+            fomaml_module.task_losses = saved
 
 
 class NaivePeft:
@@ -383,6 +422,9 @@ class Vmap:
 
 # The benchmark runs on the CPU: the triton backend there is an interpreter for tests only.
 ALL_VARIANTS = ("naive-peft", "metakernels-torch", "metakernels-cpu", "naive-full", "vmap")
+# Run only when asked for (--variant): metakernels without its fused RMSNorm/SwiGLU/rotary
+# layers and with the loss from the materialised logits (what each fusion saves).
+EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain")
 
 
 def available_variants() -> list[str]:
@@ -390,12 +432,13 @@ def available_variants() -> list[str]:
 
 
 def backend_of(variant: str) -> str:
-    return variant.split("-", 1)[1] if variant.startswith("metakernels-") else "torch"
+    return variant.split("-")[1] if variant.startswith("metakernels-") else "torch"
 
 
 def make_variant(name: str, w: Workload, adapters, support, query):
     if name.startswith("metakernels-"):
-        return Metakernels(w, adapters, support, query, backend_of(name))
+        return Metakernels(w, adapters, support, query, backend_of(name),
+                           plain=name.endswith("-plain"))
     cls = {"naive-peft": NaivePeft, "naive-full": NaiveFull, "vmap": Vmap}[name]
     return cls(w, adapters, support, query)
 
@@ -615,7 +658,10 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
         err = rel_err(grad, want) if grad is not None and want is not None else None
         if not math.isfinite(res["loss"]):
             raise SystemExit(f"{name}: the query loss is {res['loss']} at the benchmark size")
-        rows.append({**meta, "preset": w.preset, "variant": name, "backend": backend_of(name),
+        label = name
+        if name.startswith("metakernels-") and 0 < w.task_chunk < w.num_tasks:
+            label = f"{name}-chunk{w.task_chunk}"
+        rows.append({**meta, "preset": w.preset, "variant": label, "backend": backend_of(name),
                      "model": w.describe_model(), "targets": w.targets, "rank": w.rank,
                      "num_tasks": w.num_tasks, "support_sizes": w.describe_sizes(),
                      "query_rows": w.query_rows, "seq_len": w.seq_len,
@@ -628,8 +674,8 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
         print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
               + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))
     mem = measure_memory(w, variants)
-    for r in rows:
-        r.update({k: mem[r["variant"]][k] for k in ("peak_rss_mb", "base_rss_mb")})
+    for name, r in zip(variants, rows):
+        r.update({k: mem[name][k] for k in ("peak_rss_mb", "base_rss_mb")})
     return rows
 
 
@@ -641,7 +687,7 @@ def parse_args(argv=None):
                    help="tiny sizes, every variant once, no warm-up (the CI smoke test)")
     p.add_argument("--sweep-tasks", action="store_true",
                    help=f"run the preset at T = {', '.join(map(str, SWEEP_TASKS))}")
-    p.add_argument("--variant", action="append", choices=ALL_VARIANTS,
+    p.add_argument("--variant", action="append", choices=ALL_VARIANTS + EXTRA_VARIANTS,
                    help="run only this variant (repeatable); default: every available one")
     p.add_argument("--warmup", type=int, help="untimed steps per variant (default 1)")
     p.add_argument("--repeats", type=int, help="timed steps per variant (default 5)")
@@ -685,6 +731,8 @@ def main(argv=None) -> None:
         print(MEMORY_MARK + json.dumps(measure_memory_here(w, args.variant[0])))
         return
     avail = available_variants()
+    avail += [v for v in EXTRA_VARIANTS if args.variant and v in args.variant
+              and backend.available(backend_of(v))]
     variants = [v for v in avail if not args.variant or v in args.variant]
     for v in args.variant or ():
         if v not in avail:

@@ -216,7 +216,7 @@ def test_meta_reduce(backend_name, kind):
 # ------------------------------------------------------------------------ segment_cross_entropy
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("sizes", [[7], [1] * 7, [3, 3, 3], [4, 0, 1, 6]])
-@pytest.mark.parametrize("chunk", [1, 5, 4096])
+@pytest.mark.parametrize("chunk", [1, 5, 4096, None])
 def test_segment_cross_entropy(backend_name, sizes, chunk):
     layout = TaskLayout.from_sizes(sizes)
     N, d, V = layout.num_rows, 12, 37
@@ -236,3 +236,11 @@ def test_segment_cross_entropy(backend_name, sizes, chunk):
     torch.testing.assert_close(h32.grad.double(), dh_want, rtol=1e-4, atol=1e-6)
     if 0 in sizes:
         assert got[sizes.index(0)] == 0
+
+
+def test_segment_cross_entropy_chunks_by_vocabulary():
+    from metakernels.ops.segment_cross_entropy import CHUNK_BYTES, auto_chunk_rows
+    assert auto_chunk_rows(1024) == 8192 and auto_chunk_rows(32000) == 262
+    for V in (7, 1000, 32000, 152064, 10 ** 7):
+        rows = auto_chunk_rows(V)
+        assert rows == 16 or rows * 4 * V <= CHUNK_BYTES < (rows + 1) * 4 * V

@@ -72,7 +72,8 @@ def hidden_states(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     return h.reshape(-1, h.shape[-1])
 
 
-def task_losses(model: nn.Module, batch: PackedBatch, chunk_size: int = 1024) -> torch.Tensor:
+def task_losses(model: nn.Module, batch: PackedBatch,
+                chunk_size: int | None = None) -> torch.Tensor:
     """[T] per-task masked token-mean next-token losses, without materialising the logits."""
     h = hidden_states(model, batch)
     W = model.get_output_embeddings().weight

@@ -17,7 +17,7 @@ from .common import InnerConfig, StepResult, normalized_weights, task_losses
 
 
 def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: InnerConfig,
-               chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1: adapts ``bank.fast`` (one row per task, starting at theta) on the support sets.
 
     Returns (support_losses [K, T], alive [T] bool, last inner grad norms [T]).
@@ -44,7 +44,7 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
 
 
 def query_gradients(model: nn.Module, bank: AdapterBank, query: PackedBatch,
-                    chunk_size: int = 1024) -> torch.Tensor:
+                    chunk_size: int | None = None) -> torch.Tensor:
     """Stage 2: per-task query losses [T] at the fast weights; their gradients land in
     ``bank.grad``."""
     bank.grad.zero_()
@@ -56,7 +56,7 @@ def query_gradients(model: nn.Module, bank: AdapterBank, query: PackedBatch,
 
 def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query: PackedBatch,
                 cfg: InnerConfig, weights: torch.Tensor | None = None,
-                chunk_size: int = 1024) -> StepResult:
+                chunk_size: int | None = None) -> StepResult:
     """One batched FOMAML / Meta-LoRA meta-step; returns the meta-gradient (not applied).
 
     Semantics::
@@ -79,7 +79,8 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
 
 def reptile_step(model: nn.Module, bank: AdapterBank, support: PackedBatch,
                  query: PackedBatch | None, cfg: InnerConfig,
-                 weights: torch.Tensor | None = None, chunk_size: int = 1024) -> StepResult:
+                 weights: torch.Tensor | None = None,
+                 chunk_size: int | None = None) -> StepResult:
     """One batched Reptile meta-step. The returned meta-gradient is
     ``sum_t w[t] (theta - fast[t])``, which the outer optimizer applies like a gradient
     (plain SGD with lr 1 gives ``theta <- mean_t fast[t]``). The query set only reports losses."""

@@ -24,7 +24,15 @@ from ..layout import TaskLayout
 from ._common import FLOAT_DTYPES, check_layout, check_tensor
 
 _OP = "segment_cross_entropy"
-DEFAULT_CHUNK = 1024
+# Without an explicit chunk_size, a chunk's fp32 logits take at most this many bytes: 8192 rows
+# at a 1k vocabulary, 262 rows at 32k (Liger-Kernel's fused linear cross-entropy also sizes its
+# chunks by the vocabulary).
+CHUNK_BYTES = 32 * 2 ** 20
+
+
+def auto_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that a chunk's fp32 logits stay within ``CHUNK_BYTES``."""
+    return max(16, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
 def segment_cross_entropy_ref(h, W, labels, layout: TaskLayout) -> torch.Tensor:
@@ -70,7 +78,7 @@ class _SegmentCrossEntropyFn(torch.autograd.Function):
 
 
 def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
-                          layout: TaskLayout, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                          layout: TaskLayout, chunk_size: int | None = None) -> torch.Tensor:
     """Per-task token-mean cross-entropy of the next-token targets.
 
     Args:
@@ -78,7 +86,8 @@ def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
         W: [V, d] frozen output projection (``model.get_output_embeddings().weight``).
         labels: [N] int64 target ids, ``-100`` where no loss is taken.
         layout: ``TaskLayout`` over the N rows.
-        chunk_size: rows per chunk in the kernels (the logits memory is chunk_size * V).
+        chunk_size: rows per chunk in the kernels (the logits memory is chunk_size * V);
+            None: ``auto_chunk_rows(V)``, chunks of at most ``CHUNK_BYTES`` of logits.
     Returns:
         [T] fp32 losses; a task with no target tokens has loss 0.
     """
@@ -87,6 +96,8 @@ def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
     check_tensor(_OP, "W", W, ndim=2, dtypes=FLOAT_DTYPES, shape=(None, d), device=h.device)
     check_tensor(_OP, "labels", labels, dtypes=(torch.int64,), shape=(N,), device=h.device)
     check_layout(_OP, layout, N)
+    if chunk_size is None:
+        chunk_size = auto_chunk_rows(W.shape[0])
     if chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
     if W.requires_grad:

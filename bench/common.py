@@ -35,7 +35,7 @@ def cpu_model() -> str:
 
 
 def git_revision() -> str:
-    """Short commit of the checkout, with ``+dirty`` when the working tree has changes."""
+    """Short commit of the checkout, with ``+dirty`` when the working tree's code has changes."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=30)
@@ -43,7 +43,9 @@ def git_revision() -> str:
         rev = git("rev-parse", "--short", "HEAD")
         if rev.returncode != 0:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        # The results the benchmarks append to do not make the code dirty.
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    ":(exclude)bench/results").stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

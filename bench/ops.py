@@ -97,16 +97,22 @@ def _dispatch(provider: str, fn):
 # ---------------------------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------------------------
+def _packed_batch(tokens_per_task, d_in, d_out, g):
+    """The layout of a packed batch of task rows, its [N, d_in] input and a [d_out, d_in] weight
+    (scaled by 1 / sqrt(d_in) so that the outputs stay O(1))."""
+    layout = TaskLayout.from_sizes(tokens_per_task)
+    x = torch.randn(layout.num_rows, d_in, generator=g)
+    return layout, x, torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
+
+
 class MultiLoraLinearCase:
     op, metric, modes = "multi_lora_linear", "GFLOP/s", ("forward", "backward", "full")
 
     def __init__(self, tokens_per_task, in_f, out_f, rank, seed=0):
         g = torch.Generator().manual_seed(seed)
         T = len(tokens_per_task)
-        self.layout = TaskLayout.from_sizes(tokens_per_task)
+        self.layout, self.x, self.W = _packed_batch(tokens_per_task, in_f, out_f, g)
         N = self.layout.num_rows
-        self.x = torch.randn(N, in_f, generator=g)
-        self.W = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
         self.b = torch.randn(out_f, generator=g)
         self.A = torch.randn(T, in_f, rank, generator=g) / math.sqrt(in_f)
         self.B = torch.randn(T, rank, out_f, generator=g) / math.sqrt(rank)
@@ -143,10 +149,8 @@ class SegmentCrossEntropyCase:
     def __init__(self, tokens_per_task, hidden, vocab, seed=0):
         g = torch.Generator().manual_seed(seed)
         T = len(tokens_per_task)
-        self.layout = TaskLayout.from_sizes(tokens_per_task)
+        self.layout, self.h, self.W = _packed_batch(tokens_per_task, hidden, vocab, g)
         N = self.layout.num_rows
-        self.h = torch.randn(N, hidden, generator=g)
-        self.W = torch.randn(vocab, hidden, generator=g) / math.sqrt(hidden)
         labels = torch.randint(0, vocab, (N,), generator=g)
         ignore = torch.rand(N, generator=g) < 0.3          # the prompt tokens
         self.labels = torch.where(ignore, torch.full_like(labels, -100), labels)
@@ -170,25 +174,35 @@ class SegmentCrossEntropyCase:
                       lambda loss: [loss.detach(), h.grad])
 
 
-class FusedUpdateCase:
-    op, metric, modes = "fused_update", "GB/s", ("forward",)
+class _BankCase:
+    """A forward-only op over a [T, P] fp32 bank, one row per task. It is bound by memory, so it
+    is rated by the ``nbytes`` it must move, the same for every provider; ``variant`` (the
+    optimizer or the reduction) goes into the config."""
+    metric, modes = "GB/s", ("forward",)
 
-    def __init__(self, num_tasks, num_params, optimizer, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        T, P = num_tasks, num_params
-        self.fast = torch.randn(T, P, generator=g)
-        self.grad = torch.randn(T, P, generator=g) * 1e-2
-        self.lr = torch.rand(T, generator=g) * 1e-3 + 1e-4
-        self.optimizer = optimizer
-        self.kw = dict(optimizer=optimizer, max_grad_norm=1.0, weight_decay=0.01)
-        self.config = f"T={T} P={P} {optimizer}"
-        self._bytes = 4 * T * P * (3 if optimizer == "sgd" else 7)
+    def __init__(self, num_tasks, num_params, variant, nbytes, seed):
+        self.g = torch.Generator().manual_seed(seed)
+        self.bank = torch.randn(num_tasks, num_params, generator=self.g)
+        self.config = f"T={num_tasks} P={num_params} {variant}"
+        self._bytes = nbytes
 
     def work(self, mode, provider):
         return self._bytes
 
+
+class FusedUpdateCase(_BankCase):
+    op = "fused_update"
+
+    def __init__(self, num_tasks, num_params, optimizer, seed=0):
+        T, P = num_tasks, num_params
+        super().__init__(T, P, optimizer, 4 * T * P * (3 if optimizer == "sgd" else 7), seed)
+        self.grad = torch.randn(T, P, generator=self.g) * 1e-2
+        self.lr = torch.rand(T, generator=self.g) * 1e-3 + 1e-4
+        self.optimizer = optimizer
+        self.kw = dict(optimizer=optimizer, max_grad_norm=1.0, weight_decay=0.01)
+
     def runner(self, provider):
-        fast = self.fast.clone()
+        fast = self.bank.clone()
         state = AdamState.zeros_like(fast) if self.optimizer == "adam" else None
         fn = fused_update_ref if provider == "reference" else _dispatch(provider, fused_update)
 
@@ -200,25 +214,19 @@ class FusedUpdateCase:
                       outputs=outputs)
 
 
-class MetaReduceCase:
-    op, metric, modes = "meta_reduce", "GB/s", ("forward",)
+class MetaReduceCase(_BankCase):
+    op = "meta_reduce"
 
     def __init__(self, num_tasks, num_params, kind, seed=0):
-        g = torch.Generator().manual_seed(seed)
         T, P = num_tasks, num_params
-        self.x = torch.randn(T, P, generator=g)
-        self.w = torch.softmax(torch.randn(T, generator=g), 0)
-        self.theta = torch.randn(P, generator=g) if kind == "reptile" else None
+        super().__init__(T, P, kind, 4 * (T * P + P * (2 if kind == "reptile" else 1)), seed)
+        self.w = torch.softmax(torch.randn(T, generator=self.g), 0)
+        self.theta = torch.randn(P, generator=self.g) if kind == "reptile" else None
         self.kind = kind
-        self.config = f"T={T} P={P} {kind}"
-        self._bytes = 4 * (T * P + P * (2 if kind == "reptile" else 1))
-
-    def work(self, mode, provider):
-        return self._bytes
 
     def runner(self, provider):
         fn = meta_reduce_ref if provider == "reference" else _dispatch(provider, meta_reduce)
-        return Runner(lambda: fn(self.kind, self.x, self.w, self.theta), outputs=lambda y: [y])
+        return Runner(lambda: fn(self.kind, self.bank, self.w, self.theta), outputs=lambda y: [y])
 
 
 def cases(op: str, quick: bool) -> list:

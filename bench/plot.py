@@ -51,6 +51,13 @@ def _num(s: str) -> float | None:
         return None
 
 
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)   # pyplot holds on to every figure until it is closed
+    return out
+
+
 def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
     rows = read_rows(path)
     groups = defaultdict(list)
@@ -82,11 +89,8 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
         fig.suptitle(f"FOMAML meta-step, {preset}: {model}, {targets} r{rank}, "
                      f"L={first['seq_len']}, K={first['inner_steps']}  ({first['machine']}, "
                      f"{first['threads']} threads)", fontsize=9)
-        fig.tight_layout()
-        out = out_dir / f"meta_step_{slug(preset)}_{slug(model)}_{slug(targets)}_r{rank}.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(fig, out_dir / f"meta_step_{slug(preset)}_{slug(model)}_"
+                                          f"{slug(targets)}_r{rank}.png"))
     return written
 
 
@@ -111,11 +115,7 @@ def plot_ops(path: Path, out_dir: Path) -> list[Path]:
         ax.set_title(f"{op} ({grp[0]['machine']}, {grp[0]['threads']} threads)", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        out = out_dir / f"ops_{op}.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(fig, out_dir / f"ops_{op}.png"))
     return written
 
 

@@ -119,3 +119,27 @@ inline Segments check_offsets(const char* op, const char* name, const at::Tensor
               ::metakernels::describe(x), " with strides ", (x).strides())
 
 #define MK_CHECK_OFFSETS(offsets, T, N) ::metakernels::check_offsets(kOp, #offsets, offsets, T, N)
+
+// The fp32-only CPU kernels (fused_update, meta_reduce) take nothing but float32 CPU tensors.
+#define MK_CHECK_CPU_FLOAT(x)                                                                   \
+  do {                                                                                          \
+    MK_CHECK_DEFINED(x);                                                                        \
+    MK_CHECK_CPU(x);                                                                            \
+    MK_CHECK_DTYPE(x, at::kFloat);                                                              \
+  } while (0)
+
+// MK_CHECK_CPU_FLOAT_SHAPE(lr, "[T] with T == fast.size(0)", T)
+#define MK_CHECK_CPU_FLOAT_SHAPE(x, what, ...)                                                  \
+  do {                                                                                          \
+    MK_CHECK_CPU_FLOAT(x);                                                                      \
+    MK_CHECK_SHAPE(x, what, __VA_ARGS__);                                                       \
+  } while (0)
+
+// The [T, P] bank those kernels walk in chunks of contiguous floats, one row per task; its sizes
+// are what the other inputs' shapes are checked against.
+#define MK_CHECK_CPU_FLOAT_BANK(x)                                                              \
+  do {                                                                                          \
+    MK_CHECK_CPU_FLOAT(x);                                                                      \
+    MK_CHECK_DIM(x, 2, "[T, P]");                                                               \
+    MK_CHECK_CONTIGUOUS(x);                                                                     \
+  } while (0)

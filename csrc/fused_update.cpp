@@ -86,23 +86,22 @@ void for_each_finite_chunk(const TaskCoefs& c, int64_t T, int64_t P, const Body&
   }
 }
 
+// The per-element inputs (grad, exp_avg, exp_avg_sq) are walked with fast's row offsets, so they
+// must have its exact contiguous layout; the per-task ones (lr, step) are read through accessors,
+// so any strides will do. Both expect T and P in scope.
+#define MK_CHECK_LIKE_FAST(x)                                                                   \
+  do {                                                                                          \
+    MK_CHECK_CPU_FLOAT_SHAPE(x, "[T, P] like fast", T, P);                                      \
+    MK_CHECK_CONTIGUOUS(x);                                                                     \
+  } while (0)
+#define MK_CHECK_PER_TASK(x) MK_CHECK_CPU_FLOAT_SHAPE(x, "[T] with T == fast.size(0)", T)
+
 void check_bank(const char* kOp, const at::Tensor& fast, const at::Tensor& grad,
                 const at::Tensor& lr, double max_grad_norm) {
-  MK_CHECK_DEFINED(fast);
-  MK_CHECK_CPU(fast);
-  MK_CHECK_DTYPE(fast, at::kFloat);
-  MK_CHECK_DIM(fast, 2, "[T, P]");
-  MK_CHECK_CONTIGUOUS(fast);
+  MK_CHECK_CPU_FLOAT_BANK(fast);
   const int64_t T = fast.size(0), P = fast.size(1);
-  MK_CHECK_DEFINED(grad);
-  MK_CHECK_CPU(grad);
-  MK_CHECK_DTYPE(grad, at::kFloat);
-  MK_CHECK_SHAPE(grad, "[T, P] like fast", T, P);
-  MK_CHECK_CONTIGUOUS(grad);
-  MK_CHECK_DEFINED(lr);
-  MK_CHECK_CPU(lr);
-  MK_CHECK_DTYPE(lr, at::kFloat);
-  MK_CHECK_SHAPE(lr, "[T] with T == fast.size(0)", T);
+  MK_CHECK_LIKE_FAST(grad);
+  MK_CHECK_PER_TASK(lr);
   TORCH_CHECK(max_grad_norm >= 0, kOp, ": max_grad_norm must be >= 0 (0 disables clipping), got ",
               max_grad_norm);
 }
@@ -144,20 +143,9 @@ std::tuple<at::Tensor, at::Tensor> fused_adam_(at::Tensor& fast, const at::Tenso
   constexpr const char* kOp = "fused_adam_";
   check_bank(kOp, fast, grad, lr, max_grad_norm);
   const int64_t T = fast.size(0), P = fast.size(1);
-  MK_CHECK_DEFINED(exp_avg);
-  MK_CHECK_CPU(exp_avg);
-  MK_CHECK_DTYPE(exp_avg, at::kFloat);
-  MK_CHECK_SHAPE(exp_avg, "[T, P] like fast", T, P);
-  MK_CHECK_CONTIGUOUS(exp_avg);
-  MK_CHECK_DEFINED(exp_avg_sq);
-  MK_CHECK_CPU(exp_avg_sq);
-  MK_CHECK_DTYPE(exp_avg_sq, at::kFloat);
-  MK_CHECK_SHAPE(exp_avg_sq, "[T, P] like fast", T, P);
-  MK_CHECK_CONTIGUOUS(exp_avg_sq);
-  MK_CHECK_DEFINED(step);
-  MK_CHECK_CPU(step);
-  MK_CHECK_DTYPE(step, at::kFloat);
-  MK_CHECK_SHAPE(step, "[T] with T == fast.size(0)", T);
+  MK_CHECK_LIKE_FAST(exp_avg);
+  MK_CHECK_LIKE_FAST(exp_avg_sq);
+  MK_CHECK_PER_TASK(step);
   TORCH_CHECK(beta1 >= 0 && beta1 < 1, kOp, ": beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0 && beta2 < 1, kOp, ": beta2 must be in [0, 1), got ", beta2);
   TORCH_CHECK(eps > 0, kOp, ": eps must be > 0, got ", eps);

@@ -16,16 +16,9 @@ at::Tensor meta_reduce(const at::Tensor& x, const at::Tensor& weights, const at:
                        int64_t kind) {
   constexpr const char* kOp = "meta_reduce";
   TORCH_CHECK(kind == 0 || kind == 1, kOp, ": kind must be 0 (fomaml) or 1 (reptile), got ", kind);
-  MK_CHECK_DEFINED(x);
-  MK_CHECK_CPU(x);
-  MK_CHECK_DTYPE(x, at::kFloat);
-  MK_CHECK_DIM(x, 2, "[T, P]");
-  MK_CHECK_CONTIGUOUS(x);
+  MK_CHECK_CPU_FLOAT_BANK(x);
   const int64_t T = x.size(0), P = x.size(1);
-  MK_CHECK_DEFINED(weights);
-  MK_CHECK_CPU(weights);
-  MK_CHECK_DTYPE(weights, at::kFloat);
-  MK_CHECK_SHAPE(weights, "[T] with T == x.size(0)", T);
+  MK_CHECK_CPU_FLOAT_SHAPE(weights, "[T] with T == x.size(0)", T);
   MK_CHECK_DEFINED(theta);
   MK_CHECK_CPU(theta);
   if (kind == 1) {

@@ -64,22 +64,31 @@ def _task_norm_kernel(partial_ptr, norm_ptr, finite_ptr, coef_ptr, NB, stride_pt
 
 
 @triton.jit
+def _load_task_block(fast_ptr, grad_ptr, coef_ptr, P, stride_ft, stride_fp, stride_gt, stride_gp,
+                     BLOCK: tl.constexpr):
+    """The block of a task's row that this program updates (grid (cdiv(P, BLOCK), T)): the task
+    t, also in int64 (t * stride overflows int32 on large banks), the columns and their mask, the
+    fast-weight pointers and values, and the clipped gradient."""
+    t = tl.program_id(1)
+    t64 = t.to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < P
+    f_ptrs = fast_ptr + t64 * stride_ft + cols * stride_fp
+    w = tl.load(f_ptrs, mask=mask, other=0.0)
+    g = tl.load(grad_ptr + t64 * stride_gt + cols * stride_gp, mask=mask, other=0.0)
+    return t, t64, cols, mask, f_ptrs, w, g * tl.load(coef_ptr + t)
+
+
+@triton.jit
 def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, P, weight_decay,
                 stride_ft, stride_fp, stride_gt, stride_gp,
                 WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
     """``fast[t] -= lr[t] * (coef[t] * grad[t] + weight_decay * fast[t])`` where finite[t].
     Grid: (cdiv(P, BLOCK), T)."""
-    pid_p = tl.program_id(0)
-    t = tl.program_id(1)
-    if tl.load(finite_ptr + t) == 0:
+    if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
-    t64 = t.to(tl.int64)
-    cols = pid_p * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < P
-    f_ptrs = fast_ptr + t64 * stride_ft + cols * stride_fp
-    w = tl.load(f_ptrs, mask=mask, other=0.0)
-    g = tl.load(grad_ptr + t64 * stride_gt + cols * stride_gp, mask=mask, other=0.0)
-    g = g * tl.load(coef_ptr + t)
+    t, t64, cols, mask, f_ptrs, w, g = _load_task_block(
+        fast_ptr, grad_ptr, coef_ptr, P, stride_ft, stride_fp, stride_gt, stride_gp, BLOCK)
     if WEIGHT_DECAY:
         g = g + weight_decay * w
     tl.store(f_ptrs, w - tl.load(lr_ptr + t) * g, mask=mask)
@@ -94,19 +103,12 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
     """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step``,
     ``bc2[t] = 1 - beta2^step`` at the new step (see the module docstring).
     Grid: (cdiv(P, BLOCK), T)."""
-    pid_p = tl.program_id(0)
-    t = tl.program_id(1)
-    if tl.load(finite_ptr + t) == 0:
+    if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
-    t64 = t.to(tl.int64)
-    cols = pid_p * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < P
-    f_ptrs = fast_ptr + t64 * stride_ft + cols * stride_fp
+    t, t64, cols, mask, f_ptrs, w, g = _load_task_block(
+        fast_ptr, grad_ptr, coef_ptr, P, stride_ft, stride_fp, stride_gt, stride_gp, BLOCK)
     m_ptrs = m_ptr + t64 * stride_mt + cols * stride_mp
     v_ptrs = v_ptr + t64 * stride_vt + cols * stride_vp
-    w = tl.load(f_ptrs, mask=mask, other=0.0)
-    g = tl.load(grad_ptr + t64 * stride_gt + cols * stride_gp, mask=mask, other=0.0)
-    g = g * tl.load(coef_ptr + t)
     m = tl.load(m_ptrs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
     v = tl.load(v_ptrs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
     lr = tl.load(lr_ptr + t)

@@ -29,18 +29,28 @@ _BLOCK_ROWS = 1024
 
 
 @triton.jit
-def _segment_count_kernel(labels_ptr, offsets_ptr, count_ptr, ignore_index,
-                          BLOCK: tl.constexpr):
-    """``count[t] = (labels[s[t]:s[t+1]] != ignore_index).sum()`` as fp32. Grid: (T,)."""
-    t = tl.program_id(0)
+def _segment_sum(ptr, offsets_ptr, t, ignore_index, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """Over task t's rows ``s[t]:s[t+1]``: ``sum(x[rows])`` in fp32 or, with COUNT,
+    ``(x[rows] != ignore_index).sum()`` as fp32."""
     start = tl.load(offsets_ptr + t)
     end = tl.load(offsets_ptr + t + 1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
-        y = tl.load(labels_ptr + rows, mask=rows < end, other=ignore_index)
-        acc += (y != ignore_index).to(tl.float32)
-    tl.store(count_ptr + t, tl.sum(acc, axis=0))
+        if COUNT:
+            y = tl.load(ptr + rows, mask=rows < end, other=ignore_index)
+            acc += (y != ignore_index).to(tl.float32)
+        else:
+            acc += tl.load(ptr + rows, mask=rows < end, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _segment_count_kernel(labels_ptr, offsets_ptr, count_ptr, ignore_index,
+                          BLOCK: tl.constexpr):
+    """``count[t] = (labels[s[t]:s[t+1]] != ignore_index).sum()`` as fp32. Grid: (T,)."""
+    t = tl.program_id(0)
+    tl.store(count_ptr + t, _segment_sum(labels_ptr, offsets_ptr, t, ignore_index, True, BLOCK))
 
 
 @triton.jit
@@ -91,13 +101,8 @@ def _ce_chunk_kernel(logits_ptr, labels_ptr, task_ids_ptr, count_ptr, row_loss_p
 def _segment_mean_kernel(row_loss_ptr, offsets_ptr, count_ptr, loss_ptr, BLOCK: tl.constexpr):
     """``loss[t] = sum(row_loss[s[t]:s[t+1]]) / max(count[t], 1)``. Grid: (T,)."""
     t = tl.program_id(0)
-    start = tl.load(offsets_ptr + t)
-    end = tl.load(offsets_ptr + t + 1)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK):
-        rows = r0 + tl.arange(0, BLOCK)
-        acc += tl.load(row_loss_ptr + rows, mask=rows < end, other=0.0)
-    tl.store(loss_ptr + t, tl.sum(acc, axis=0) / tl.maximum(tl.load(count_ptr + t), 1.0))
+    total = _segment_sum(row_loss_ptr, offsets_ptr, t, 0, False, BLOCK)
+    tl.store(loss_ptr + t, total / tl.maximum(tl.load(count_ptr + t), 1.0))
 
 
 def fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, layout: TaskLayout,

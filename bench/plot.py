@@ -2,7 +2,7 @@
 
     meta_step.csv -> meta_step_<preset>_<model>.png: time per meta-step vs T and peak step memory
                      vs T, one line per variant (the latest row for each variant and T, of
-                     the newest git revision in the CSV)
+                     the newest commit in the CSV)
     ops.csv       -> ops_<op>.png: rate (GFLOP/s or GB/s) per shape and mode, one bar per
                      provider (the latest row of each)
 
@@ -65,8 +65,11 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
         groups[(r["preset"], r["model"], r["targets"], r["rank"])].append(r)
     written = []
     for (preset, model, targets, rank), grp in sorted(groups.items()):
-        newest = max(grp, key=lambda r: r["timestamp"])["git_rev"]
-        grp = [r for r in grp if r["git_rev"] == newest]    # one revision of the code per plot
+        # One commit of the code per plot (with or without uncommitted changes on top of it).
+        def commit(r):
+            return r["git_rev"].split("+")[0]
+        newest = commit(max(grp, key=lambda r: r["timestamp"]))
+        grp = [r for r in grp if commit(r) == newest]
         grp = latest(grp, lambda r: (r["variant"], int(r["num_tasks"])))
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
         for variant in sorted({r["variant"] for r in grp}):

@@ -203,3 +203,21 @@ def test_greedy_generation_matches_model_generate(setup, eval_tasks):
         for p, g in zip(t.prompts, alone):
             assert g == _hf_greedy(merged, p, max_new, tok)
         k += len(t.prompts)
+
+
+def test_single_task_fit_probe_lowers_the_query_loss(run_dir, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fit_single_task.py"
+    spec = importlib.util.spec_from_file_location("fit_single_task", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    losses = []
+    for steps in (1, 40):
+        probe.main(["--run", str(run_dir), "--task", TASKS[0], "--steps", str(steps),
+                    "--lr", "1e-2", "--batch", "8", "--n-query", "4"])
+        line = [l for l in capsys.readouterr().out.splitlines() if "query loss" in l][-1]
+        losses.append(float(line.split("query loss")[1].split()[0]))
+        assert "exact match" in line
+    assert losses[1] < losses[0]

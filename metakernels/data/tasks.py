@@ -3,7 +3,7 @@
 A task is named after its family and parameters (``caesar_3``, ``base_10_to_7``, ``rotate_2``,
 ``reverse``); ``get_task(name)`` builds any valid member of a family, ``builtin_tasks(split)``
 returns the fixed train or held-out set. Every prompt is the input followed by ``SEPARATOR``
-(``"qxf>"``) and the response is the rule's output, so a model can only tell tasks apart from
+(``">"``) and the response is the rule's output, so a model can only tell tasks apart from
 their support examples: what the meta-learner has to learn is to adapt fast. Held-out tasks are
 other members of the training families (unseen shifts, bases, strides, substitution tables).
 

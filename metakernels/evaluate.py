@@ -686,11 +686,13 @@ def run(args) -> dict:
                 "samples": r["samples"]}
         results["contenders"][c.name] = entry
     comps = {}
-    for c in contenders:
-        if c.name in ("lora-init", "base"):
-            continue
-        comps[f"{c.name} vs lora-init"] = {
-            str(n): {m: compare(raw[c.name][n][m], raw["lora-init"][n][m], m) for m in METRICS}
+    trained = [c.name for c in contenders if c.name not in ("lora-init", "base")]
+    # Every trained init against PEFT's init, and the meta-learned one against each baseline
+    # (a multitask SFT checkpoint is the bar meta-learning has to clear, not only B = 0).
+    pairs = [(a, "lora-init") for a in trained] + [(trained[0], b) for b in trained[1:]]
+    for a, b in pairs:
+        comps[f"{a} vs {b}"] = {
+            str(n): {m: compare(raw[a][n][m], raw[b][n][m], m) for m in METRICS}
             for n in n_shots}
     results["comparisons"] = comps
     out = Path(args.output_dir)

@@ -94,8 +94,13 @@ def test_cli_outputs_well_formed(run_dir, tmp_path):
                     res["contenders"]["exported"]["n_shots"][n]["per_task"][t][m],
                     res["contenders"]["meta"]["n_shots"][n]["per_task"][t][m], rtol=1e-5,
                     atol=1e-6)
+    assert set(res["comparisons"]) == {"meta vs lora-init", "exported vs lora-init",
+                                       "meta vs exported"}
     comp = res["comparisons"]["meta vs lora-init"]
     assert set(comp) == {"0", "2"} and set(comp["2"]) == set(ev.METRICS)
+    # meta and exported are the same adapter: no difference, on any task
+    same = res["comparisons"]["meta vs exported"]["2"]["loss"]
+    assert abs(same["diff_mean"]) < 1e-5 and same["tasks_better"] == 0
     assert (out / "table.txt").read_text().count("meta") >= 2
 
 

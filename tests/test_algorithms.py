@@ -1,6 +1,7 @@
 """Second-order MAML, multitask SFT and chunked steps against their per-task / plain versions."""
 import copy
 
+import pytest
 import torch
 
 from metakernels.lora import inject
@@ -8,6 +9,7 @@ from metakernels.meta import (InnerConfig, PeftAdapterIO, causal_lm_loss, fomaml
                               make_peft_model, maml_step, maml_step_per_task, mixture,
                               multitask_step, reptile_step)
 from metakernels.meta.chunked import chunked_step
+from metakernels.fused import apply_fused_layers
 from metakernels.models import build_tiny_model
 
 from conftest import random_batch
@@ -17,11 +19,13 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _model(dtype=torch.float32, attn="eager", num_tasks=3, family="llama"):
+def _model(dtype=torch.float32, attn="eager", num_tasks=3, family="llama", fused=False):
     base = build_tiny_model(family, vocab_size=53, hidden_size=32, num_layers=2, num_heads=4,
                             num_kv_heads=2, intermediate_size=48, attn_implementation=attn,
                             dtype=dtype)
     oracle = copy.deepcopy(base)
+    if fused:
+        assert min(apply_fused_layers(base).values()) > 0
     targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["c_attn", "c_fc"]
     bank = inject(base, targets, rank=3, alpha=6, num_tasks=num_tasks, dtype=dtype)
     with torch.no_grad():
@@ -39,9 +43,25 @@ def test_maml_batched_equals_per_task_loop():
     torch.testing.assert_close(got.query_losses, want.query_losses, rtol=1e-5, atol=1e-6)
 
 
+def test_maml_through_fused_layers_equals_maml_through_the_library_layers():
+    # Second order through the fused RMSNorm, SwiGLU and rotary (their backwards differentiated
+    # again) against the same step through Hugging Face's layers.
+    fused, _, bank_f = _model(fused=True)
+    plain, _, bank_p = _model()
+    with torch.no_grad():
+        bank_p.theta.copy_(bank_f.theta)
+    support, query = random_batch([2, 3, 1], 53, seed=5), random_batch([3, 1, 2], 53, seed=6)
+    cfg = InnerConfig(lr=0.3, num_steps=2, optimizer="sgd")
+    got = maml_step(fused, bank_f, support, query, cfg)
+    want = maml_step(plain, bank_p, support, query, cfg)
+    assert rel_err(got.meta_grad, want.meta_grad) < 1e-5
+    fo = maml_step(fused, bank_f, support, query, cfg, first_order=True)
+    assert rel_err(fo.meta_grad, want.meta_grad) > 1e-3   # second-order terms present
+
+
 def test_maml_matches_finite_differences_and_differs_from_fomaml():
-    # float64 GPT-2: Llama's RMSNorm computes in fp32 whatever the model dtype, which would
-    # bound a finite-difference check at ~1e-3
+    # float64 GPT-2: HF Llama computes RMSNorm and the eager attention's softmax in fp32
+    # whatever the model dtype, which bounds a finite-difference check at ~1e-3
     model, _, bank = _model(dtype=torch.float64, family="gpt2")
     support, query = random_batch([2, 2], 53, seed=3), random_batch([2, 2], 53, seed=4)
     cfg = InnerConfig(lr=0.5, num_steps=2, optimizer="sgd")

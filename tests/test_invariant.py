@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from metakernels import backend
+from metakernels.fused import apply_fused_layers
 from metakernels.lora import inject
 from metakernels.meta import InnerConfig, PeftAdapterIO, fomaml_step, make_peft_model, naive_step
 from metakernels.meta import reptile_step
@@ -23,6 +24,10 @@ def _setup(family="llama", targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     base = build_tiny_model(family, vocab_size=97, hidden_size=48, num_layers=2, num_heads=4,
                             num_kv_heads=2, intermediate_size=80)
     oracle_base = copy.deepcopy(base)
+    # The batched side runs with every optimisation on (fused layers, the fused loss, the
+    # grouped kernels); the per-task oracle is the plain PEFT model on the library's layers.
+    counts = apply_fused_layers(base)
+    assert family == "gpt2" or min(counts.values()) > 0, counts
     bank = inject(base, targets, rank=4, alpha=8, num_tasks=4)
     torch.manual_seed(1)
     with torch.no_grad():  # random B too, so the first step is not a special case

@@ -1,23 +1,26 @@
 """Memory-lean forms of a frozen Llama-family base's non-GEMM layers: RMSNorm, SwiGLU, rotary.
 
 Every task of a meta-batch runs through the base at once, so the activations autograd keeps for
-the backward grow with T; for a frozen base most of them are not needed. Plain PyTorch keeps, per
-decoder layer and token, the MLP's gate, up and ``silu(gate)`` (3 x intermediate), the rotary
-products and their halves (several x hidden) and the RMSNorm intermediates. The autograd
-functions here compute the forward exactly as Hugging Face's modules do (same operations, same
-rounding) and keep only what their backward needs:
+the backward grow with T. The autograd functions here compute the forward exactly as Hugging
+Face's modules do (same operations, same rounding) and keep only what their backward needs:
 
 - ``rms_norm``: the input and the per-row ``rsqrt`` (``dx = r * (g - xhat * mean(g * xhat))``,
   ``g = dy * w``);
-- ``swiglu``: gate and up (``silu`` is recomputed in the backward);
+- ``swiglu``: gate and up; ``silu(gate)``, which ``F.silu(gate) * up`` keeps as well, is
+  recomputed in the backward (one [tokens, intermediate] tensor per layer less);
 - ``rotary``: nothing of q or k, the map being linear (``cos`` and ``sin`` only).
 
-Their backwards are built from differentiable ops, so second-order MAML (``create_graph=True``)
-differentiates through them. ``apply_fused_layers(model)`` switches a model's modules to them
-(Llama, Mistral, Qwen2 and the like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs
-with ``gate_proj``/``up_proj``/``down_proj`` and a SiLU, attentions calling their modeling file's
-``apply_rotary_pos_emb``); other models are left as they are. The switch is per model instance:
-other models in the process keep the library's code.
+(Autograd already skips saving the operand of a product whose other factor is frozen, so the
+library's RMSNorm and rotary keep about as little; SwiGLU is where memory is saved.) Their
+backwards are built from differentiable ops, so second-order MAML (``create_graph=True``)
+differentiates through them; fp64 inputs of ``rms_norm`` are computed in fp64 (the library
+computes in fp32 whatever the dtype).
+
+``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
+like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs with ``gate_proj``/``up_proj``/
+``down_proj`` and a SiLU, attentions calling their modeling file's ``apply_rotary_pos_emb``);
+other models are left as they are. The switch is per model instance: other models in the process
+keep the library's code.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's ``LlamaRMSNorm.forward`` (which computes in fp32 even for fp64 inputs)."""
+    """Hugging Face's ``LlamaRMSNorm.forward``, except that fp64 inputs are computed in fp64."""
     xf = x.to(_compute_dtype(x))
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (xf * r).to(x.dtype)

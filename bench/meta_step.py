@@ -79,7 +79,7 @@ from metakernels.bank import AdapterBank  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
-from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss, fomaml_step  # noqa: E402
+from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
 from metakernels.meta import make_peft_model, naive_step  # noqa: E402
 from metakernels.meta import fomaml as fomaml_module  # noqa: E402
 from metakernels.meta.chunked import chunked_step  # noqa: E402
@@ -294,11 +294,8 @@ class Metakernels:
 
     def step(self):
         with backend.use_backend(self.backend_name), self._loss():
-            if self.task_chunk and self.task_chunk < self.support.num_tasks:
-                r = chunked_step("fomaml", self.model, self.bank, self.support, self.query,
-                                 self.cfg, self.task_chunk)
-            else:
-                r = fomaml_step(self.model, self.bank, self.support, self.query, self.cfg)
+            r = chunked_step("fomaml", self.model, self.bank, self.support, self.query,
+                             self.cfg, self.task_chunk)
         return r.meta_grad, r.meta_loss
 
     @contextlib.contextmanager

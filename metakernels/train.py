@@ -24,8 +24,8 @@ from . import backend as _backend
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump_config, load_config
 from .lora import inject
-from .meta import (InnerConfig, PeftAdapterIO, fomaml_step, maml_step, make_peft_model,
-                   multitask_step, naive_step, reptile_step)
+from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
+from .meta.chunked import chunked_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,14 +221,9 @@ class Trainer:
     # -- one meta-step ----------------------------------------------------------------------
     def _local_step(self, support, query):
         algo = self.cfg.meta.algorithm
-        chunk = self.cfg.meta.task_chunk
-        if algo in ("fomaml", "reptile") and chunk and support.num_tasks > chunk:
-            from .meta.chunked import chunked_step
-            return chunked_step(algo, self.model, self.bank, support, query, self.inner, chunk)
-        if algo == "fomaml":
-            return fomaml_step(self.model, self.bank, support, query, self.inner)
-        if algo == "reptile":
-            return reptile_step(self.model, self.bank, support, query, self.inner)
+        if algo in ("fomaml", "reptile"):
+            return chunked_step(algo, self.model, self.bank, support, query, self.inner,
+                                self.cfg.meta.task_chunk)
         if algo == "maml":
             return maml_step(self.model, self.bank, support, query, self.inner)
         if algo == "multitask":

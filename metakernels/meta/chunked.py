@@ -12,8 +12,12 @@ from .fomaml import fomaml_step, reptile_step
 
 
 def chunked_step(algorithm: str, model, bank, support, query, cfg, chunk: int) -> StepResult:
+    """``fomaml_step`` or ``reptile_step`` over the tasks in chunks of ``chunk``; ``chunk`` 0 or
+    at least T is one pass over all tasks (the plain step)."""
     T = support.num_tasks
     step = fomaml_step if algorithm == "fomaml" else reptile_step
+    if not 0 < chunk < T:
+        return step(model, bank, support, query, cfg)
     total = torch.zeros_like(bank.theta.detach())
     kept = 0
     hists, qls, ws, drops = [], [], [], []

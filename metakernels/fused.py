@@ -37,22 +37,23 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 # RMSNorm
 # ---------------------------------------------------------------------------------------------
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)   # fp32, fp64 for fp64 inputs
+def _rsqrt_mean_square(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in the compute dtype (fp32; fp64 for fp64 inputs) and its per-row
+    ``rsqrt(mean(x**2) + eps)``."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return xf, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's ``LlamaRMSNorm.forward``, except that fp64 inputs are computed in fp64."""
-    xf = x.to(_compute_dtype(x))
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf, r = _rsqrt_mean_square(x, eps)
     return weight * (xf * r).to(x.dtype)
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        xf = x.to(_compute_dtype(x))
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xf, r = _rsqrt_mean_square(x, eps)
         ctx.save_for_backward(x, weight, r)
         ctx.eps = eps
         return weight * (xf * r).to(x.dtype)
@@ -63,8 +64,7 @@ class _RMSNormFn(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Double backward: r was computed without a graph in the forward; recompute it from
             # x so that the second derivative sees its dependence on x.
-            xf = x.to(r.dtype)
-            r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+            _, r = _rsqrt_mean_square(x, ctx.eps)
         xhat = x.to(r.dtype) * r
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -76,7 +76,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x**2) + eps)`` (in fp32, cast back), saving only x and rsqrt."""
+    """``weight * x / sqrt(mean(x**2) + eps)`` (in fp32, fp64 for fp64 inputs, cast back),
+    saving only x and rsqrt."""
     return _RMSNormFn.apply(x, weight, eps)
 
 
@@ -125,6 +126,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotary map of one of q, k: ``x * cos + rotate_half(x) * sin``."""
+    return x * cos + _rotate_half(x) * sin
+
+
 def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
     """The transpose of ``_rotate_half`` (its inverse): ``[a, b] -> [b, -a]``."""
     h = x.shape[-1] // 2
@@ -135,7 +141,7 @@ class _RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
@@ -150,8 +156,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
            unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Hugging Face's ``apply_rotary_pos_emb``, keeping only cos and sin for the backward."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    if cos.requires_grad or sin.requires_grad:
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    if cos.requires_grad or sin.requires_grad:   # learned positions: plain autograd
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
     return _RotaryFn.apply(q, k, cos, sin)
 
 

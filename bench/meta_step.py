@@ -79,6 +79,7 @@ from metakernels.bank import AdapterBank  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
+from metakernels.memory import allocator_state, retain_freed_memory  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
 from metakernels.meta import make_peft_model, naive_step  # noqa: E402
 from metakernels.meta import fomaml as fomaml_module  # noqa: E402
@@ -92,6 +93,7 @@ SWEEP_TASKS = (1, 2, 4, 8, 16, 32)
 QUICK_SWEEP_TASKS = (1, 2)
 CHECK_RTOL = 1e-4       # meta-gradient relative error allowed against naive-peft (fp32)
 MEMORY_MARK = "MEMORY "
+MALLOC_MODE = "retain"  # --malloc, which the memory-measuring subprocesses get too
 MEMORY_JOBS = 2         # concurrent memory processes: RSS is per process, so they do not mix
 
 warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented "
@@ -560,7 +562,8 @@ def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
     """Runs ``--measure-memory`` in a fresh process per variant."""
     def one(variant):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory",
-               "--variant", variant, "--threads", str(torch.get_num_threads()), *w.cli_args()]
+               "--variant", variant, "--threads", str(torch.get_num_threads()),
+               "--malloc", MALLOC_MODE, *w.cli_args()]
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in r.stdout.splitlines() if l.startswith(MEMORY_MARK)]
         if r.returncode != 0 or not lines:
@@ -583,8 +586,8 @@ def profile_step(runner, name: str, rows: int = 20) -> None:
 # ---------------------------------------------------------------------------------------------
 # A run
 # ---------------------------------------------------------------------------------------------
-COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "preset",
-           "variant",
+COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "malloc",
+           "preset", "variant",
            "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows",
            "seq_len", "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s",
            "p20_s", "p80_s", "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
@@ -699,6 +702,10 @@ def parse_args(argv=None):
     p.add_argument("--csv", type=Path, default=RESULTS / "meta_step.csv")
     p.add_argument("--profile", action="store_true",
                    help="print the top ops by self CPU time of one metakernels step")
+    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="retain: freed memory stays in the process, as the trainer sets it "
+                        "(trainer.retain_freed_memory, metakernels/memory.py), for every "
+                        "variant alike; default: the C library's own behaviour")
     p.add_argument("--measure-memory", action="store_true",
                    help="(one variant) run one step in this process and print its peak RSS")
     g = p.add_argument_group("workload (override the preset)")
@@ -720,7 +727,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    global MALLOC_MODE
     args = parse_args(argv)
+    MALLOC_MODE = args.malloc
+    if args.malloc == "retain":
+        retain_freed_memory()
     w = resolve_workload(args)
     if args.measure_memory:
         if not args.variant or len(args.variant) != 1:
@@ -735,7 +746,7 @@ def main(argv=None) -> None:
         if v not in avail:
             raise SystemExit(f"variant {v} cannot run here (backend {backend_of(v)!r} is "
                              f"unavailable); available: {avail}")
-    meta = run_metadata()
+    meta = {**run_metadata(), "malloc": allocator_state()}
     print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "
           f"{meta['torch']}, git {meta['git_rev']}; variants: {', '.join(variants)}")
     check_variants(w, variants)

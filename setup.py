@@ -29,7 +29,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIRS = ("csrc", "python")
 # -fno-math-errno / -fno-trapping-math, as torch itself is built: they let the compiler vectorise
 # sqrt and the branch-free exp of the kernels (FP exceptions and errno are never read).
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# -ffp-contract=off: no fused multiply-add where a kernel must round as torch's separate ops do
+# (the rotary forward is bitwise Hugging Face's).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
 
 

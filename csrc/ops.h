@@ -67,4 +67,23 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
                                                              const at::Tensor& offsets,
                                                              int64_t chunk_size);
 
+// Hugging Face's rotary map of q and k (q * cos + rotate_half(q) * sin, rounded as those separate
+// ops round) in one pass each. q, k float32 [B, H, L, D] (unit last stride), cos/sin float32
+// broadcastable to them. Returns (q', k') in q's and k's memory layouts.
+std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& cos, const at::Tensor& sin);
+
+// The rotary map's transpose: dy * cos + cat(dy2 * sin2, -dy1 * sin1) (dy's shape and layout).
+at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin);
+
+// RMSNorm's input gradient: dx = r * (g - xhat * mean(g * xhat)), g = dy * weight, xhat = x * r,
+// means over the last axis. dy, x float32 [..., D], weight [D], rstd one value per row.
+at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& rstd);
+
+// SwiGLU's backward: s = sigmoid(gate), dgate = dy * up * s * (1 + gate * (1 - s)),
+// dup = dy * gate * s, in one pass. dy, gate, up float32 of one shape. Returns (dgate, dup).
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
+                                              const at::Tensor& up);
+
 }  // namespace metakernels

@@ -12,6 +12,7 @@
 // second GEMM, which is what autograd does to the reference (h @ W.T).float().
 #include "checks.h"
 #include "ops.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <bit>
@@ -19,42 +20,11 @@
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MK_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MK_TARGET_CLONES
-#endif
-
 namespace metakernels {
 namespace {
 
 constexpr int64_t kIgnoreIndex = -100;
 constexpr int64_t kMinParallelElems = 1 << 15;
-
-// exp(x) for x <= 0 (logits minus their row max), within 1 ulp of std::exp (checked over every
-// float in [-87.3, 0], with and without FMA), in plain arithmetic so that the loops calling it
-// vectorise (std::exp is a scalar libm call): Cephes' range reduction x = n ln2 + r with
-// |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n built in the exponent bits. Below -87.3,
-// where fp32 leaves its normal range, it gives 0. The final select only vectorises under
-// -fno-trapping-math (setup.py, CMakeLists.txt); without it this loop runs scalar, 3x slower.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * kLog2e + kRound;
-  const float n = t - kRound;
-  const int32_t n_int = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((n_int + 127) << 23);
-  return x < -87.3f ? 0.0f : p * scale;
-}
 
 // One row: turns the logits z[0:V] into the loss gradient (softmax(z) - onehot(label)) * ic in
 // place and returns the cross-entropy. The exp loop is compute-bound, so GCC compiles this twice,

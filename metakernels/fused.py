@@ -16,6 +16,12 @@ backwards are built from differentiable ops, so second-order MAML (``create_grap
 differentiates through them; fp64 inputs of ``rms_norm`` are computed in fp64 (the library
 computes in fp32 whatever the dtype).
 
+Under the cpu backend, float32 tensors take the one-pass C++ kernels of
+``csrc/fused_layers.cpp`` (``torch.ops.metakernels.rotary_fwd``/``rotary_bwd``/``rms_norm_bwd``/
+``swiglu_bwd``): the rotary forward rounds as the op-by-op form does (bitwise the library's
+forward); the backwards of a first-order step (no ``create_graph``) read their inputs once instead
+of once per op. Everywhere else, and for double backward, the torch forms here run.
+
 ``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
 like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs with ``gate_proj``/``up_proj``/
 ``down_proj`` and a SiLU, attentions calling their modeling file's ``apply_rotary_pos_emb``);
@@ -32,6 +38,15 @@ import types
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import backend
+
+
+def _cpu_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ kernels of csrc/fused_layers.cpp run these tensors: float32 on the CPU,
+    with the cpu backend in use (built, and not overridden by ``use_backend``/the environment)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and backend.resolve(tensors[0].device) == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +76,9 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
+        if (not torch.is_grad_enabled() and not ctx.needs_input_grad[1]
+                and _cpu_kernels(dy, x, weight, r)):
+            return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r), None, None
         if torch.is_grad_enabled():
             # Double backward: r was computed without a graph in the forward; recompute it from
             # x so that the second derivative sees its dependence on x.
@@ -97,6 +115,10 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
+        if not torch.is_grad_enabled() and _cpu_kernels(dy, gate, up):
+            dgate, dup = torch.ops.metakernels.swiglu_bwd(dy, gate, up)
+            return (dgate if ctx.needs_input_grad[0] else None,
+                    dup if ctx.needs_input_grad[1] else None)
         dgate = dup = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():          # double backward: differentiable formula
@@ -141,15 +163,23 @@ class _RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
+        if q.dim() == 4 and q.stride(-1) == 1 and k.stride(-1) == 1 and _cpu_kernels(q, k, cos, sin):
+            return torch.ops.metakernels.rotary_fwd(q, k, cos, sin)   # bitwise the same
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        # cos and sin broadcast over heads: q and k have the outputs' shapes.
-        dq = dq * cos + _rotate_half_t(dq * sin) if ctx.needs_input_grad[0] else None
-        dk = dk * cos + _rotate_half_t(dk * sin) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None
+        return (_rotary_bwd(dq, cos, sin) if ctx.needs_input_grad[0] else None,
+                _rotary_bwd(dk, cos, sin) if ctx.needs_input_grad[1] else None, None, None)
+
+
+def _rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary map's transpose (cos and sin broadcast over heads: dy has q's shape)."""
+    if (not torch.is_grad_enabled() and dy.dim() == 4 and dy.stride(-1) == 1
+            and _cpu_kernels(dy, cos, sin)):
+        return torch.ops.metakernels.rotary_bwd(dy, cos, sin)
+    return dy * cos + _rotate_half_t(dy * sin)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

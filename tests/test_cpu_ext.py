@@ -7,6 +7,7 @@ them, nothing written for a skipped task), and the input checks of every entry p
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metakernels import TaskLayout, backend
 
@@ -275,6 +276,87 @@ def test_segment_cross_entropy_low_precision(dtype):
     _close(dh, dh_want, dtype)
 
 
+# ------------------------------------------------------------------- the fused layers' kernels
+def _rotary_inputs(B, H, L, D, batch_tables=False, seed=0):
+    """q, k as transposed views of a [B, L, H, D] projection output (as Llama makes them), and
+    cos/sin [B or 1, 1, L, D] (the second half of the table differs from the first, so that a
+    kernel mixing up the halves fails)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, L, H, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, L, max(1, H - 1), D, generator=g).transpose(1, 2)
+    angles = torch.rand(B if batch_tables else 1, 1, L, D, generator=g) * 6
+    return q, k, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("B,H,L,D,batch_tables", [(1, 1, 1, 2, False), (2, 3, 5, 6, True),
+                                                  (3, 4, 7, 64, False), (1, 2, 33, 10, True)])
+def test_rotary_fwd_is_bitwise_the_op_by_op_form_and_keeps_the_layout(B, H, L, D, batch_tables):
+    from metakernels.fused import _rotate
+    q, k, cos, sin = _rotary_inputs(B, H, L, D, batch_tables)
+    got_q, got_k = ops.rotary_fwd(q, k, cos, sin)
+    want_q, want_k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    assert _same_bits(got_q, want_q) and _same_bits(got_k, want_k)
+    assert got_q.stride() == q.stride() and got_k.stride() == k.stride()
+
+
+@pytest.mark.parametrize("B,H,L,D,batch_tables", [(1, 1, 1, 2, False), (2, 3, 5, 6, True),
+                                                  (3, 4, 7, 64, False)])
+def test_rotary_bwd_is_the_transpose_of_the_forward(B, H, L, D, batch_tables):
+    from metakernels.fused import _rotate
+    q, _, cos, sin = _rotary_inputs(B, H, L, D, batch_tables)
+    dy = torch.randn(q.shape)
+    qr = q.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(_rotate(qr, cos, sin), qr, dy)
+    _close(ops.rotary_bwd(dy, cos, sin), want)
+    _close(ops.rotary_bwd(dy.transpose(1, 2).contiguous().transpose(1, 2), cos, sin), want)
+
+
+def _rms_inputs(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    weight = torch.rand(shape[-1], generator=g) + 0.5
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return x, weight, rstd
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 5, 7), (64, 512), (2, 9, 130)])
+def test_rms_norm_bwd_vs_autograd(shape):
+    x, weight, rstd = _rms_inputs(shape)
+    dy = torch.randn(shape)
+    xr = x.double().requires_grad_()    # the reference in fp64
+    y = weight.double() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
+    (want,) = torch.autograd.grad(y, xr, dy.double())
+    _close(ops.rms_norm_bwd(dy, x, weight, rstd), want)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 7, 5), (1024, 1376), (17, 33)])
+def test_swiglu_bwd_vs_autograd(shape):
+    g = torch.Generator().manual_seed(1)
+    gate = torch.randn(shape, generator=g) * 6
+    gate.view(-1)[:3] = torch.tensor([-200.0, 200.0, -1.2785])[: gate.numel()]  # tails, root
+    up, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    gr, ur = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    want = torch.autograd.grad(F.silu(gr) * ur, (gr, ur), dy)
+    got = ops.swiglu_bwd(dy, gate, up)
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+def test_fused_layer_kernels_reject_bad_input():
+    q, k, cos, sin = _rotary_inputs(2, 3, 5, 6)
+    with pytest.raises(RuntimeError, match="rotary_fwd: q must be a float32 CPU tensor"):
+        ops.rotary_fwd(q.double(), k, cos, sin)
+    with pytest.raises(RuntimeError, match="rotary_fwd: q must have an even head size"):
+        ops.rotary_fwd(q[..., :5], k[..., :5], cos[..., :5], sin[..., :5])
+    with pytest.raises(RuntimeError, match="rotary_bwd: cos must be broadcastable"):
+        ops.rotary_bwd(q, cos[:, :, :4], sin)
+    x, w, r = _rms_inputs((4, 6))
+    with pytest.raises(RuntimeError, match=r"rms_norm_bwd: weight must be \[6\]"):
+        ops.rms_norm_bwd(torch.randn(4, 6), x, w[:5], r)
+    with pytest.raises(RuntimeError, match="swiglu_bwd: up must have gate's shape"):
+        ops.swiglu_bwd(torch.randn(4, 6), x, x[:3])
+
+
 # ------------------------------------------------------------------------------------- opcheck
 def _opcheck_cases():
     sizes = [3, 0, 2, 4]
@@ -301,6 +383,13 @@ def _opcheck_cases():
         "fomaml": (ops.meta_reduce, (rg(fast), lr, fast.new_empty(0), 0)),
         "reptile": (ops.meta_reduce, (rg(fast), lr, torch.randn(P), 1)),
         "xent": (ops.segment_cross_entropy_fwd, (rg(h), Wv, labels, off, 2)),
+        "rotary_fwd": (ops.rotary_fwd, (rg(_rotary_inputs(2, 3, 5, 6)[0]),
+                                        *_rotary_inputs(2, 3, 5, 6)[1:])),
+        "rotary_bwd": (ops.rotary_bwd, (rg(_rotary_inputs(2, 3, 5, 6)[0]),
+                                        *_rotary_inputs(2, 3, 5, 6)[2:])),
+        "rms_norm_bwd": (ops.rms_norm_bwd, (rg(torch.randn(3, 5, 7)), *_rms_inputs((3, 5, 7)))),
+        "swiglu_bwd": (ops.swiglu_bwd, (rg(torch.randn(4, 9)), torch.randn(4, 9),
+                                        torch.randn(4, 9))),
     }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metakernels import fused
+from metakernels import backend, fused
 from metakernels.lora import inject
 from metakernels.models import build_tiny_model
 
@@ -150,3 +150,33 @@ def test_fused_model_equals_plain_model_and_saves_less(family):
     from transformers.models.llama import modeling_llama as m
     assert not fused._fused_active()
     assert hasattr(m.apply_rotary_pos_emb, "_metakernels_original") or family != "llama"
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_cpu_kernels_of_the_fused_layers_match_their_torch_forms(monkeypatch):
+    """Under the cpu backend the fused layers run csrc/fused_layers.cpp (rotary forward and
+    backward, RMSNorm and SwiGLU backward): the same logits bit for bit, the same adapter
+    gradient to fp32 rounding, as under the torch backend."""
+    calls = []
+    real = fused._cpu_kernels
+    monkeypatch.setattr(fused, "_cpu_kernels", lambda *t: calls.append(real(*t)) or calls[-1])
+    model = build_tiny_model("llama", vocab_size=61, hidden_size=48, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=88)
+    fused.apply_fused_layers(model)
+    bank = inject(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8, num_tasks=2)
+    with torch.no_grad():
+        bank.theta.copy_(_rand(bank.num_params, seed=4) * 0.1)
+    batch = random_batch([3, 2], 61, seed=5)
+    fast = bank.theta.detach().expand(2, -1).clone().requires_grad_()
+    out = {}
+    for name in ("cpu", "torch"):
+        calls.clear()
+        with backend.use_backend(name), bank.activate(fast, batch.token_layout):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = F.cross_entropy(logits.reshape(-1, 61), batch.labels.reshape(-1))
+            out[name] = (logits.detach(), torch.autograd.grad(loss, fast)[0])
+        # per layer rotary fwd + 2 bwd, SwiGLU bwd, 2 RMSNorm bwd; the final norm's bwd; not
+        # the first layer's input norm's (the frozen embedding needs no gradient)
+        assert sum(calls) == (2 * 6 + 1 - 1 if name == "cpu" else 0), (name, calls)
+    assert torch.equal(out["cpu"][0], out["torch"][0])
+    torch.testing.assert_close(out["cpu"][1], out["torch"][1], rtol=1e-5, atol=1e-7)

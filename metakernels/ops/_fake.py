@@ -52,3 +52,24 @@ def _meta_reduce(x, weights, theta, kind):
 def _segment_cross_entropy_fwd(h, W, labels, offsets, chunk_size):
     T = offsets.shape[0] - 1
     return h.new_empty(T, dtype=torch.float32), h.new_empty(h.shape)
+
+
+@torch.library.register_fake("metakernels::rotary_fwd")
+def _rotary_fwd(q, k, cos, sin):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("metakernels::rotary_bwd")
+def _rotary_bwd(dy, cos, sin):
+    return torch.empty_like(dy)
+
+
+@torch.library.register_fake("metakernels::rms_norm_bwd")
+def _rms_norm_bwd(dy, x, weight, rstd):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("metakernels::swiglu_bwd")
+def _swiglu_bwd(dy, gate, up):
+    like = torch.empty_like(gate, memory_format=torch.contiguous_format)
+    return like, torch.empty_like(like)

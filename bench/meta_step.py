@@ -93,7 +93,6 @@ SWEEP_TASKS = (1, 2, 4, 8, 16, 32)
 QUICK_SWEEP_TASKS = (1, 2)
 CHECK_RTOL = 1e-4       # meta-gradient relative error allowed against naive-peft (fp32)
 MEMORY_MARK = "MEMORY "
-MALLOC_MODE = "retain"  # --malloc, which the memory-measuring subprocesses get too
 MEMORY_JOBS = 2         # concurrent memory processes: RSS is per process, so they do not mix
 
 warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented "
@@ -558,12 +557,12 @@ def measure_memory_here(w: Workload, variant: str) -> dict:
             "base_rss_mb": before / 2 ** 20}
 
 
-def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
-    """Runs ``--measure-memory`` in a fresh process per variant."""
+def measure_memory(w: Workload, variants: list[str], malloc: str) -> dict[str, dict]:
+    """Runs ``--measure-memory`` in a fresh process per variant, under ``--malloc malloc``."""
     def one(variant):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory",
                "--variant", variant, "--threads", str(torch.get_num_threads()),
-               "--malloc", MALLOC_MODE, *w.cli_args()]
+               "--malloc", malloc, *w.cli_args()]
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in r.stdout.splitlines() if l.startswith(MEMORY_MARK)]
         if r.returncode != 0 or not lines:
@@ -673,7 +672,7 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
                      "gemm_gflops": rate / 1e9, "rel_err_vs_naive_peft": err})
         print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
               + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))
-    mem = measure_memory(w, variants)
+    mem = measure_memory(w, variants, args.malloc)
     for name, r in zip(variants, rows):
         r.update({k: mem[name][k] for k in ("peak_rss_mb", "base_rss_mb")})
     return rows
@@ -727,9 +726,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    global MALLOC_MODE
     args = parse_args(argv)
-    MALLOC_MODE = args.malloc
     if args.malloc == "retain":
         retain_freed_memory()
     w = resolve_workload(args)

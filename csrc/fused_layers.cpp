@@ -25,19 +25,19 @@ namespace {
 
 constexpr int64_t kMinRowsPerTask = 16;
 
-void check_rotary_input(const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": ", name,
-              " must be a float32 CPU tensor, got ", describe(x));
-  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be [B, H, L, D], got ", describe(x));
-  TORCH_CHECK(x.size(3) % 2 == 0 && x.stride(3) == 1, op, ": ", name,
-              " must have an even head size D with unit stride, got ", describe(x),
-              " with strides ", x.strides());
-}
+// q, k, dy: float32 CPU [B, H, L, D], D even, unit last stride.
+#define MK_CHECK_ROTARY_INPUT(x)                                                                \
+  do {                                                                                          \
+    MK_CHECK_CPU_FLOAT(x);                                                                      \
+    MK_CHECK_DIM(x, 4, "[B, H, L, D]");                                                         \
+    TORCH_CHECK((x).size(3) % 2 == 0 && (x).stride(3) == 1, kOp, ": ", #x,                     \
+                " must have an even head size D with unit stride, got ", describe(x),          \
+                " with strides ", (x).strides());                                              \
+  } while (0)
 
-// cos/sin expanded to x's shape (broadcast axes get stride 0), unit last stride.
+// cos/sin (float32 CPU, checked by the caller) expanded to x's shape: broadcast axes get
+// stride 0, the last stride is 1.
 at::Tensor expand_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
-              " must be a float32 CPU tensor, got ", describe(t));
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, broadcastable to ", x.sizes(),
               ", got ", describe(t));
   at::Tensor e = t.stride(3) == 1 ? t : t.contiguous();
@@ -109,13 +109,9 @@ MK_TARGET_CLONES void swiglu_bwd_kernel(const float* dy, const float* gate, cons
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up) {
   constexpr const char* kOp = "swiglu_bwd";
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dy", dy},
-                                {"gate", gate}, {"up", up}}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, kOp, ": ", name,
-                " must be a float32 CPU tensor, got ", describe(t));
-    TORCH_CHECK(t.sizes() == gate.sizes(), kOp, ": ", name, " must have gate's shape ",
-                gate.sizes(), ", got ", describe(t));
-  }
+  MK_CHECK_CPU_FLOAT(gate);
+  MK_CHECK_CPU_FLOAT_SHAPE(dy, "gate's shape", gate.sizes().vec());
+  MK_CHECK_CPU_FLOAT_SHAPE(up, "gate's shape", gate.sizes().vec());
   const at::Tensor d = dy.contiguous(), g = gate.contiguous(), u = up.contiguous();
   at::Tensor dgate = at::empty_like(g), dup = at::empty_like(g);
   const float* dp = d.data_ptr<float>();
@@ -133,8 +129,10 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
 std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& cos, const at::Tensor& sin) {
   constexpr const char* kOp = "rotary_fwd";
-  check_rotary_input(kOp, "q", q);
-  check_rotary_input(kOp, "k", k);
+  MK_CHECK_ROTARY_INPUT(q);
+  MK_CHECK_ROTARY_INPUT(k);
+  MK_CHECK_CPU_FLOAT(cos);
+  MK_CHECK_CPU_FLOAT(sin);
   TORCH_CHECK(q.size(3) == k.size(3), kOp, ": q and k must have the same head size, got q ",
               describe(q), " and k ", describe(k));
   const at::Tensor cq = expand_table(kOp, "cos", cos, q), sq = expand_table(kOp, "sin", sin, q);
@@ -144,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
 
 at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin) {
   constexpr const char* kOp = "rotary_bwd";
-  check_rotary_input(kOp, "dy", dy);
+  MK_CHECK_ROTARY_INPUT(dy);
+  MK_CHECK_CPU_FLOAT(cos);
+  MK_CHECK_CPU_FLOAT(sin);
   const at::Tensor c = expand_table(kOp, "cos", cos, dy), s = expand_table(kOp, "sin", sin, dy);
   // the transpose of the forward map: dy * cos + cat(dy2 * sin2, -dy1 * sin1)
   return for_each_row(dy, c, s, [](const float* g, const float* c, const float* s, float* o,
@@ -159,16 +159,12 @@ at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Ten
 at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& rstd) {
   constexpr const char* kOp = "rms_norm_bwd";
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dy", dy},
-                                {"x", x}, {"weight", weight}, {"rstd", rstd}}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, kOp, ": ", name,
-                " must be a float32 CPU tensor, got ", describe(t));
-  }
-  TORCH_CHECK(x.dim() >= 1 && dy.sizes() == x.sizes(), kOp,
-              ": dy must have x's shape, got dy ", describe(dy), " and x ", describe(x));
+  MK_CHECK_CPU_FLOAT(x);
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
+  MK_CHECK_CPU_FLOAT_SHAPE(dy, "x's shape", x.sizes().vec());
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == D, kOp, ": weight must be [", D,
-              "], got ", describe(weight));
+  MK_CHECK_CPU_FLOAT_SHAPE(weight, "[D] with D == x.size(-1)", D);
+  MK_CHECK_CPU_FLOAT(rstd);
   TORCH_CHECK(rstd.numel() == N, kOp, ": rstd must hold one value per row of x (", N,
               "), got ", describe(rstd));
   const at::Tensor g = dy.contiguous(), xc = x.contiguous(), w = weight.contiguous(),

@@ -163,7 +163,7 @@ class _RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        if q.dim() == 4 and q.stride(-1) == 1 and k.stride(-1) == 1 and _cpu_kernels(q, k, cos, sin):
+        if _rotary_cpu_kernels(q, k, cos=cos, sin=sin):
             return torch.ops.metakernels.rotary_fwd(q, k, cos, sin)   # bitwise the same
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -174,10 +174,15 @@ class _RotaryFn(torch.autograd.Function):
                 _rotary_bwd(dk, cos, sin) if ctx.needs_input_grad[1] else None, None, None)
 
 
+def _rotary_cpu_kernels(*xs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the C++ rotary kernels take these [B, H, L, D] tensors (unit last stride)."""
+    return (all(x.dim() == 4 and x.stride(-1) == 1 for x in xs)
+            and _cpu_kernels(*xs, cos, sin))
+
+
 def _rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary map's transpose (cos and sin broadcast over heads: dy has q's shape)."""
-    if (not torch.is_grad_enabled() and dy.dim() == 4 and dy.stride(-1) == 1
-            and _cpu_kernels(dy, cos, sin)):
+    if not torch.is_grad_enabled() and _rotary_cpu_kernels(dy, cos=cos, sin=sin):
         return torch.ops.metakernels.rotary_bwd(dy, cos, sin)
     return dy * cos + _rotate_half_t(dy * sin)
 

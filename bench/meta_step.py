@@ -8,6 +8,8 @@ variant starts from the same model weights, the same initial adapters (theta) an
                            backend that can run here (torch always, cpu when ``metakernels._C``
                            is built); ``--task-chunk C`` runs it C tasks at a time (the
                            memory-saving mode, reported as ``metakernels-<backend>-chunkC``)
+    metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms,
+                           without the C++ kernels of csrc/fused_layers.cpp
     metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/
                            rotary layers and with the loss from the materialised logits
     naive-peft             ``naive_step``: one task after another on a PEFT LoRA model (the seeds'
@@ -76,6 +78,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
 from metakernels.bank import AdapterBank  # noqa: E402
+from metakernels import fused as fused_module  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
@@ -277,10 +280,12 @@ def plain_task_losses(model: nn.Module, batch: PackedBatch, chunk_size: int = 0)
 
 class Metakernels:
     """``fomaml_step``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and with
-    the loss computed from the materialised logits instead of ``segment_cross_entropy``."""
+    the loss computed from the materialised logits instead of ``segment_cross_entropy``;
+    ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp)."""
 
-    def __init__(self, w, adapters, support, query, backend_name, plain=False):
-        self.backend_name, self.plain = backend_name, plain
+    def __init__(self, w, adapters, support, query, backend_name, plain=False,
+                 layer_kernels=True):
+        self.backend_name, self.plain, self.layer_kernels = backend_name, plain, layer_kernels
         self.model = build_base(w)
         if not plain:
             apply_fused_layers(self.model)
@@ -301,15 +306,22 @@ class Metakernels:
 
     @contextlib.contextmanager
     def _loss(self):
-        if not self.plain:
+        with contextlib.ExitStack() as stack:
+            if self.plain:
+                stack.enter_context(_patched(fomaml_module, "task_losses", plain_task_losses))
+            if not self.layer_kernels:
+                stack.enter_context(_patched(fused_module, "_cpu_kernels", lambda *t: False))
             yield
-            return
-        saved = fomaml_module.task_losses
-        fomaml_module.task_losses = plain_task_losses
-        try:
-            yield
-        finally:
-            fomaml_module.task_losses = saved
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 class NaivePeft:
@@ -422,7 +434,8 @@ class Vmap:
 ALL_VARIANTS = ("naive-peft", "metakernels-torch", "metakernels-cpu", "naive-full", "vmap")
 # Run only when asked for (--variant): metakernels without its fused RMSNorm/SwiGLU/rotary
 # layers and with the loss from the materialised logits (what each fusion saves).
-EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain")
+EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain",
+                  "metakernels-cpu-torchlayers")
 
 
 def available_variants() -> list[str]:
@@ -436,7 +449,8 @@ def backend_of(variant: str) -> str:
 def make_variant(name: str, w: Workload, adapters, support, query):
     if name.startswith("metakernels-"):
         return Metakernels(w, adapters, support, query, backend_of(name),
-                           plain=name.endswith("-plain"))
+                           plain=name.endswith("-plain"),
+                           layer_kernels=not name.endswith("-torchlayers"))
     cls = {"naive-peft": NaivePeft, "naive-full": NaiveFull, "vmap": Vmap}[name]
     return cls(w, adapters, support, query)
 

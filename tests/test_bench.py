@@ -127,3 +127,19 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
                                        "fused_update", "meta_reduce")} <= set(pngs)
     for n in pngs:
         assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+def test_meta_step_extra_variants_match_naive_peft(tmp_path):
+    """The variants that switch an optimisation off (the fused layers' C++ kernels; the fused
+    layers and loss) compute the same meta-gradient as naive-peft."""
+    path = tmp_path / "extra.csv"
+    run_script("meta_step.py", "--quick", "--csv", path, "--variant", "naive-peft",
+               "--variant", "metakernels-cpu-torchlayers", "--variant", "metakernels-cpu-plain")
+    columns, rows = read_csv(path)
+    assert columns == META_STEP_COLUMNS
+    assert sorted(r["variant"] for r in rows) == ["metakernels-cpu-plain",
+                                                  "metakernels-cpu-torchlayers", "naive-peft"]
+    for r in rows:
+        assert_positive(r, META_STEP_POSITIVE)
+        assert float(r["rel_err_vs_naive_peft"]) < 1e-4

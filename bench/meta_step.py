@@ -61,6 +61,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import random
 import resource
 import subprocess
@@ -82,7 +83,6 @@ from metakernels import fused as fused_module  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
-from metakernels.memory import allocator_state, retain_freed_memory  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
 from metakernels.meta import make_peft_model, naive_step  # noqa: E402
 from metakernels.meta import fomaml as fomaml_module  # noqa: E402
@@ -505,6 +505,14 @@ def tokens_per_step(w: Workload, support: PackedBatch, query: PackedBatch) -> in
     return w.inner_steps * support.num_tokens() + query.num_tokens()
 
 
+def malloc_setting() -> str:
+    """The ``malloc`` column: glibc's ``MALLOC_*`` tuning variables of this run, or "default".
+    (Rows marked "retain" ran with a mallopt setting an earlier version applied: mmap threshold
+    32 MiB, trim threshold 2 GiB.)"""
+    env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    return " ".join(env) or "default"
+
+
 def _reset_peak_rss() -> bool:
     """Resets this process's peak RSS to its current RSS (Linux ``clear_refs``)."""
     try:
@@ -571,12 +579,11 @@ def measure_memory_here(w: Workload, variant: str) -> dict:
             "base_rss_mb": before / 2 ** 20}
 
 
-def measure_memory(w: Workload, variants: list[str], malloc: str) -> dict[str, dict]:
-    """Runs ``--measure-memory`` in a fresh process per variant, under ``--malloc malloc``."""
+def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
+    """Runs ``--measure-memory`` in a fresh process per variant."""
     def one(variant):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory",
-               "--variant", variant, "--threads", str(torch.get_num_threads()),
-               "--malloc", malloc, *w.cli_args()]
+               "--variant", variant, "--threads", str(torch.get_num_threads()), *w.cli_args()]
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in r.stdout.splitlines() if l.startswith(MEMORY_MARK)]
         if r.returncode != 0 or not lines:
@@ -686,7 +693,7 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
                      "gemm_gflops": rate / 1e9, "rel_err_vs_naive_peft": err})
         print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
               + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))
-    mem = measure_memory(w, variants, args.malloc)
+    mem = measure_memory(w, variants)
     for name, r in zip(variants, rows):
         r.update({k: mem[name][k] for k in ("peak_rss_mb", "base_rss_mb")})
     return rows
@@ -715,10 +722,6 @@ def parse_args(argv=None):
     p.add_argument("--csv", type=Path, default=RESULTS / "meta_step.csv")
     p.add_argument("--profile", action="store_true",
                    help="print the top ops by self CPU time of one metakernels step")
-    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
-                   help="retain: freed memory stays in the process, as the trainer sets it "
-                        "(trainer.retain_freed_memory, metakernels/memory.py), for every "
-                        "variant alike; default: the C library's own behaviour")
     p.add_argument("--measure-memory", action="store_true",
                    help="(one variant) run one step in this process and print its peak RSS")
     g = p.add_argument_group("workload (override the preset)")
@@ -741,8 +744,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.malloc == "retain":
-        retain_freed_memory()
     w = resolve_workload(args)
     if args.measure_memory:
         if not args.variant or len(args.variant) != 1:
@@ -757,7 +758,7 @@ def main(argv=None) -> None:
         if v not in avail:
             raise SystemExit(f"variant {v} cannot run here (backend {backend_of(v)!r} is "
                              f"unavailable); available: {avail}")
-    meta = {**run_metadata(), "malloc": allocator_state()}
+    meta = {**run_metadata(), "malloc": malloc_setting()}
     print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "
           f"{meta['torch']}, git {meta['git_rev']}; variants: {', '.join(variants)}")
     check_variants(w, variants)

@@ -84,9 +84,6 @@ class TrainerConfig:
     device: str = "cpu"
     max_nonfinite_steps: int = 5
     progress_bar: bool = True
-    # keep freed memory in the process between passes instead of faulting it in again each
-    # inner step (glibc's malloc thresholds; metakernels/memory.py): same peak, faster steps
-    retain_freed_memory: bool = True
 
 
 @dataclass

@@ -98,13 +98,10 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
 
 
 def _build_base(cfg: Config):
-    from .memory import retain_freed_memory
     from .train import build_model, build_tokenizer
 
     if cfg.trainer.backend != "auto":
         os.environ[_backend.ENV_VAR] = cfg.trainer.backend
-    if cfg.trainer.retain_freed_memory:
-        retain_freed_memory()
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer))
     m = cfg.model

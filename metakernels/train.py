@@ -24,7 +24,6 @@ from . import backend as _backend
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump_config, load_config
 from .lora import inject
-from .memory import retain_freed_memory
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
 from .meta.chunked import chunked_step
 
@@ -177,8 +176,6 @@ class Trainer:
         random.seed(cfg.trainer.seed)
         if cfg.trainer.backend != "auto":
             os.environ[_backend.ENV_VAR] = cfg.trainer.backend
-        if cfg.trainer.retain_freed_memory:
-            retain_freed_memory()
         self.tokenizer = build_tokenizer(cfg)
         self.tasks = build_tasks(cfg, self.tokenizer)
         if cfg.meta.meta_batch_size > len(self.tasks):

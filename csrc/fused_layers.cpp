@@ -1,11 +1,17 @@
-// One-pass kernels for the frozen base's rotary embedding and RMSNorm backward (the memory-lean
+// One-pass kernels for the frozen base's rotary embedding, RMSNorm and SwiGLU (the memory-lean
 // layers of metakernels/fused.py, which holds their plain-PyTorch references).
 //
 // The rotary forward rounds exactly as Hugging Face's `q * cos + rotate_half(q) * sin` does as
 // separate ops (each product rounded, then the sum; setup.py compiles with -ffp-contract=off so
-// that no multiply-add is fused), so the fused model's forward stays bitwise the library's. It
-// reads q once and writes the result once, where the op-by-op form makes five passes (two
+// that no multiply-add is fused), bitwise the library's. It reads q once and writes the result once, where the op-by-op form makes five passes (two
 // products, a negation, a concatenation and a sum). The backwards are single passes too.
+//
+// RMSNorm's forward makes two passes over a row (its sum of squares in fp64, then
+// `weight * (x * r)` with both products rounded as the library rounds them) where the op-by-op
+// form makes five over the tensor; SwiGLU's forward is one pass where silu then the product make
+// two. Neither is bitwise the library's (the row sum's order and the exp differ): within an ulp
+// or two. RMSNorm's backward also takes its output instead of its input (`xhat = y / weight`), so
+// that a norm whose output the next layer keeps anyway (the q/k/v LoRA's input) keeps nothing else.
 //
 // Layouts: q/k/dq [B, H, L, D] with any strides but a unit last stride (q and k usually are
 // transposed views of the projection's [B, L, H, D] output); cos/sin broadcast to them. The
@@ -13,8 +19,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -70,23 +79,34 @@ at::Tensor for_each_row(const at::Tensor& x, const at::Tensor& cos, const at::Te
   return out;
 }
 
+// x * cos + cat(-x2, x1) * sin for one row of 2h elements, each product rounded on its own.
+MK_TARGET_CLONES void rotary_row(const float* x, const float* c, const float* s, float* o,
+                                 int64_t h) {
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) {
+    const float a = x[j] * c[j];
+    const float b = -x[j + h] * s[j];
+    o[j] = a + b;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) {
+    const float a = x[j + h] * c[j + h];
+    const float b = x[j] * s[j + h];
+    o[j + h] = a + b;
+  }
+}
+
+// The transpose of rotary_row: dy * cos + cat(dy2 * sin2, -dy1 * sin1).
+MK_TARGET_CLONES void rotary_bwd_row(const float* g, const float* c, const float* s, float* o,
+                                     int64_t h) {
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) o[j] = g[j] * c[j] + g[j + h] * s[j + h];
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) o[j + h] = g[j + h] * c[j + h] - g[j] * s[j];
+}
+
 at::Tensor rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return for_each_row(x, cos, sin, [](const float* x, const float* c, const float* s, float* o,
-                                      int64_t h) {
-    // x * cos + cat(-x2, x1) * sin, each product rounded on its own
-#pragma omp simd
-    for (int64_t j = 0; j < h; ++j) {
-      const float a = x[j] * c[j];
-      const float b = -x[j + h] * s[j];
-      o[j] = a + b;
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < h; ++j) {
-      const float a = x[j + h] * c[j + h];
-      const float b = x[j] * s[j + h];
-      o[j + h] = a + b;
-    }
-  });
+  return for_each_row(x, cos, sin, rotary_row);
 }
 
 // dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * gate * s, s = sigmoid(gate): the
@@ -104,7 +124,77 @@ MK_TARGET_CLONES void swiglu_bwd_kernel(const float* dy, const float* gate, cons
   }
 }
 
+// y = silu(gate) * up = (gate * sigmoid(gate)) * up in one pass.
+MK_TARGET_CLONES void swiglu_fwd_kernel(const float* gate, const float* up, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    y[i] = (g * sigmoid(g)) * up[i];
+  }
+}
+
+// RMSNorm forward over rows [begin, end) of D elements: r = 1 / sqrt(mean(x**2) + eps) (the row
+// sum in fp64, then the library's fp32 roundings), y = w * (x * r) (two roundings, as the library).
+MK_TARGET_CLONES void rms_norm_fwd_rows(const float* x, const float* w, float* y, float* rstd,
+                                        int64_t begin, int64_t end, int64_t D, float eps) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xi = x + i * D;
+    const float ms = static_cast<float>(dot_f64(xi, xi, D)) / static_cast<float>(D);
+    const float r = 1.0f / std::sqrt(ms + eps);
+    rstd[i] = r;
+    float* yi = y + i * D;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      const float t = xi[j] * r;
+      yi[j] = w[j] * t;
+    }
+  }
+}
+
+// RMSNorm backward over rows [begin, end): dx = r * (g - xhat * mean(g * xhat)), g = dy * w.
+// From the input (xhat = x * r; gw holds one row's g as scratch) or, x_is_output, from the output
+// y = w * xhat (g * xhat = dy * y, xhat = y / w).
+MK_TARGET_CLONES void rms_norm_bwd_rows(const float* dy, const float* x, const float* w,
+                                        const float* rstd, float* dx, float* gw, int64_t begin,
+                                        int64_t end, int64_t D, bool x_is_output) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* gi = dy + i * D;
+    const float* xi = x + i * D;
+    const float ri = rstd[i];
+    float* di = dx + i * D;
+    if (x_is_output) {
+      const float m = static_cast<float>(dot_f64(gi, xi, D) / static_cast<double>(D));
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) di[j] = ri * (gi[j] * w[j] - (xi[j] / w[j]) * m);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) gw[j] = gi[j] * w[j];
+    // mean(g * xhat) / r
+    const float m = static_cast<float>(dot_f64(gw, xi, D) * ri * ri / static_cast<double>(D));
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) di[j] = ri * (gw[j] - xi[j] * m);
+  }
+}
+
+constexpr int64_t kMinElementsPerTask = 1 << 14;
+
 }  // namespace
+
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
+  constexpr const char* kOp = "swiglu_fwd";
+  MK_CHECK_CPU_FLOAT(gate);
+  MK_CHECK_CPU_FLOAT_SHAPE(up, "gate's shape", gate.sizes().vec());
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor y = at::empty_like(g);
+  const float* gp = g.data_ptr<float>();
+  const float* upp = u.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, g.numel(), kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+    swiglu_fwd_kernel(gp + begin, upp + begin, yp + begin, end - begin);
+  });
+  return y;
+}
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up) {
@@ -119,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   const float* upp = u.data_ptr<float>();
   float* dgp = dgate.data_ptr<float>();
   float* dup_p = dup.data_ptr<float>();
-  at::parallel_for(0, g.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.numel(), kMinElementsPerTask, [&](int64_t begin, int64_t end) {
     swiglu_bwd_kernel(dp + begin, gp + begin, upp + begin, dgp + begin, dup_p + begin,
                       end - begin);
   });
@@ -146,18 +236,35 @@ at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Ten
   MK_CHECK_CPU_FLOAT(cos);
   MK_CHECK_CPU_FLOAT(sin);
   const at::Tensor c = expand_table(kOp, "cos", cos, dy), s = expand_table(kOp, "sin", sin, dy);
-  // the transpose of the forward map: dy * cos + cat(dy2 * sin2, -dy1 * sin1)
-  return for_each_row(dy, c, s, [](const float* g, const float* c, const float* s, float* o,
-                                   int64_t h) {
-#pragma omp simd
-    for (int64_t j = 0; j < h; ++j) o[j] = g[j] * c[j] + g[j + h] * s[j + h];
-#pragma omp simd
-    for (int64_t j = 0; j < h; ++j) o[j + h] = g[j + h] * c[j + h] - g[j] * s[j];
+  return for_each_row(dy, c, s, rotary_bwd_row);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps) {
+  constexpr const char* kOp = "rms_norm_fwd";
+  MK_CHECK_CPU_FLOAT(x);
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
+  const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
+  MK_CHECK_CPU_FLOAT_SHAPE(weight, "[D] with D == x.size(-1)", D);
+  TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
+  const at::Tensor xc = x.contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  std::vector<int64_t> rshape = x.sizes().vec();
+  rshape.back() = 1;
+  at::Tensor rstd = at::empty(rshape, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* rp = rstd.data_ptr<float>();
+  const float eps_f = static_cast<float>(eps);   // the library adds eps in fp32
+  at::parallel_for(0, N, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
+    rms_norm_fwd_rows(xp, wp, yp, rp, begin, end, D, eps_f);
   });
+  return {y, rstd};
 }
 
 at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                        const at::Tensor& rstd) {
+                        const at::Tensor& rstd, bool x_is_output) {
   constexpr const char* kOp = "rms_norm_bwd";
   MK_CHECK_CPU_FLOAT(x);
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
@@ -175,20 +282,15 @@ at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   const float* wp = w.data_ptr<float>();
   const float* rp = r.data_ptr<float>();
   float* dp = dx.data_ptr<float>();
-  // dx = r * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * r
-  at::parallel_for(0, N, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* gi = gp + i * D;
-      const float* xi = xp + i * D;
-      const float ri = rp[i];
-      double dot = 0.0;   // the row's dot product in fp64: it cancels
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < D; ++j) dot += static_cast<double>(gi[j] * wp[j]) * xi[j];
-      const float m = static_cast<float>(dot * ri * ri / static_cast<double>(D));  // mean(g xhat)/r
-      float* di = dp + i * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) di[j] = ri * (gi[j] * wp[j] - xi[j] * m);
+  if (x_is_output) {
+    for (int64_t j = 0; j < D; ++j) {
+      TORCH_CHECK(wp[j] != 0.0f, kOp, ": x_is_output needs a weight without zeros (xhat = y / "
+                  "weight), but weight[", j, "] is 0");
     }
+  }
+  at::parallel_for(0, N, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> gw(x_is_output ? 0 : D);
+    rms_norm_bwd_rows(gp, xp, wp, rp, dp, gw.data(), begin, end, D, x_is_output);
   });
   return dx;
 }

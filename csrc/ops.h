@@ -76,10 +76,19 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
 // The rotary map's transpose: dy * cos + cat(dy2 * sin2, -dy1 * sin1) (dy's shape and layout).
 at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin);
 
+// RMSNorm: y = weight * (x * r), r = 1 / sqrt(mean(x**2) + eps) per row of the last axis, in
+// one pass over x. x float32 [..., D], weight [D]. Returns (y, rstd [..., 1]).
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps);
+
 // RMSNorm's input gradient: dx = r * (g - xhat * mean(g * xhat)), g = dy * weight, xhat = x * r,
-// means over the last axis. dy, x float32 [..., D], weight [D], rstd one value per row.
+// means over the last axis. dy, x float32 [..., D], weight [D], rstd one value per row. With
+// x_is_output, x is the forward's output y (xhat = y / weight: weight must have no zero).
 at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                        const at::Tensor& rstd);
+                        const at::Tensor& rstd, bool x_is_output);
+
+// SwiGLU: silu(gate) * up in one pass. gate, up float32 of one shape.
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 
 // SwiGLU's backward: s = sigmoid(gate), dgate = dy * up * s * (1 + gate * (1 - s)),
 // dup = dy * gate * s, in one pass. dy, gate, up float32 of one shape. Returns (dgate, dup).

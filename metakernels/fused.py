@@ -1,26 +1,32 @@
 """Memory-lean forms of a frozen Llama-family base's non-GEMM layers: RMSNorm, SwiGLU, rotary.
 
 Every task of a meta-batch runs through the base at once, so the activations autograd keeps for
-the backward grow with T. The autograd functions here compute the forward exactly as Hugging
-Face's modules do (same operations, same rounding) and keep only what their backward needs:
+the backward grow with T. The autograd functions here compute the forward as Hugging Face's
+modules do and keep only what their backward needs:
 
 - ``rms_norm``: the input and the per-row ``rsqrt`` (``dx = r * (g - xhat * mean(g * xhat))``,
-  ``g = dy * w``);
+  ``g = dy * w``); under the cpu kernels, the output instead of the input when the weight is
+  frozen and has no zero (``xhat = y / w``): the next layer (the q/k/v LoRA, the loss) keeps the
+  output anyway, so the norm then keeps nothing of its own;
 - ``swiglu``: gate and up; ``silu(gate)``, which ``F.silu(gate) * up`` keeps as well, is
   recomputed in the backward (one [tokens, intermediate] tensor per layer less);
 - ``rotary``: nothing of q or k, the map being linear (``cos`` and ``sin`` only).
 
 (Autograd already skips saving the operand of a product whose other factor is frozen, so the
-library's RMSNorm and rotary keep about as little; SwiGLU is where memory is saved.) Their
-backwards are built from differentiable ops, so second-order MAML (``create_graph=True``)
-differentiates through them; fp64 inputs of ``rms_norm`` are computed in fp64 (the library
-computes in fp32 whatever the dtype).
+library's RMSNorm and rotary keep about as little; SwiGLU is where memory is saved.) Their torch
+forms run the library's operations (bitwise the library's forward) and their backwards are built
+from differentiable ops, so second-order MAML (``create_graph=True``) differentiates through
+them; fp64 inputs of ``rms_norm`` are computed in fp64 (the library computes in fp32 whatever
+the dtype).
 
 Under the cpu backend, float32 tensors take the one-pass C++ kernels of
-``csrc/fused_layers.cpp`` (``torch.ops.metakernels.rotary_fwd``/``rotary_bwd``/``rms_norm_bwd``/
-``swiglu_bwd``): the rotary forward rounds as the op-by-op form does (bitwise the library's
-forward); the backwards of a first-order step (no ``create_graph``) read their inputs once instead
-of once per op. Everywhere else, and for double backward, the torch forms here run.
+``csrc/fused_layers.cpp`` (``torch.ops.metakernels.rotary_fwd``/``rotary_bwd``/
+``rms_norm_fwd``/``rms_norm_bwd``/``swiglu_fwd``/``swiglu_bwd``), which read their inputs once
+instead of once per op. The rotary forward rounds as the op-by-op form does (bitwise); the
+RMSNorm and SwiGLU forwards are within an ulp or two of the library's (a row sum and an exp
+taken in another order). The backwards of a first-order step (no ``create_graph``) run the
+kernels; a double backward runs the torch forms, and raises for a norm that kept its output
+(second-order MAML runs the torch backend). Everywhere else the torch forms run.
 
 ``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
 like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs with ``gate_proj``/``up_proj``/
@@ -68,14 +74,31 @@ def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
+        ctx.eps = eps
+        ctx.x_is_output = False
+        if _cpu_kernels(x, weight):
+            y, r = torch.ops.metakernels.rms_norm_fwd(x, weight, eps)
+            # Keep the output, not the input, where the weight allows xhat = y / weight (and is
+            # frozen): the next layer (the q/k/v LoRA, the loss) usually keeps y anyway, and x is
+            # then freed.
+            ctx.x_is_output = not ctx.needs_input_grad[1] and bool(torch.all(weight != 0))
+            ctx.save_for_backward(y if ctx.x_is_output else x, weight, r)
+            return y
         xf, r = _rsqrt_mean_square(x, eps)
         ctx.save_for_backward(x, weight, r)
-        ctx.eps = eps
         return weight * (xf * r).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
+        if ctx.x_is_output:
+            # The cpu backend's first-order path (second-order MAML runs the torch backend).
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    "rms_norm: this RMSNorm ran the cpu backend's first-order kernels, which keep "
+                    "its output instead of its input; for a second-order gradient "
+                    "(create_graph=True) run it under metakernels.backend.use_backend('torch')")
+            return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r, True), None, None
         if (not torch.is_grad_enabled() and not ctx.needs_input_grad[1]
                 and _cpu_kernels(dy, x, weight, r)):
             return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r), None, None
@@ -110,6 +133,8 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
+        if _cpu_kernels(gate, up):
+            return torch.ops.metakernels.swiglu_fwd(gate, up)
         return F.silu(gate) * up
 
     @staticmethod

@@ -85,7 +85,11 @@ TORCH_LIBRARY(metakernels, m) {
       "int chunk_size) -> (Tensor, Tensor)");
   m.def("rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("rotary_bwd(Tensor dy, Tensor cos, Tensor sin) -> Tensor");
-  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> Tensor");
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, bool x_is_output=False) "
+      "-> Tensor");
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
@@ -98,14 +102,17 @@ TORCH_LIBRARY_IMPL(metakernels, CPU, m) {
   m.impl("segment_cross_entropy_fwd", &metakernels::segment_cross_entropy_fwd);
   m.impl("rotary_fwd", &metakernels::rotary_fwd);
   m.impl("rotary_bwd", &metakernels::rotary_bwd);
+  m.impl("rms_norm_fwd", &metakernels::rms_norm_fwd);
   m.impl("rms_norm_bwd", &metakernels::rms_norm_bwd);
+  m.impl("swiglu_fwd", &metakernels::swiglu_fwd);
   m.impl("swiglu_bwd", &metakernels::swiglu_bwd);
 }
 
 TORCH_LIBRARY_IMPL(metakernels, Autograd, m) {
   for (const char* name : {"multi_lora_linear_fwd", "multi_lora_linear_bwd", "fused_sgd_",
                            "fused_adam_", "meta_reduce", "segment_cross_entropy_fwd",
-                           "rotary_fwd", "rotary_bwd", "rms_norm_bwd", "swiglu_bwd"}) {
+                           "rotary_fwd", "rotary_bwd", "rms_norm_fwd", "rms_norm_bwd",
+                           "swiglu_fwd", "swiglu_bwd"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
   }
 }

@@ -319,27 +319,61 @@ def _rms_inputs(shape, seed=0):
     return x, weight, rstd
 
 
+def _ulps(got, want):
+    """Largest distance in units in the last place (fp32) between two same-signed tensors."""
+    a, b = got.view(torch.int32).long(), want.view(torch.int32).long()
+    return int((a - b).abs().max()) if got.numel() else 0
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 5, 7), (64, 512), (2, 9, 130)])
+def test_rms_norm_fwd_vs_the_library(shape):
+    from metakernels.fused import _rms_norm_ref
+    x, weight, rstd_want = _rms_inputs(shape)
+    x[0, ..., 0] = 1e4                                 # one row dominated by a single element
+    rstd_want = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y, rstd = ops.rms_norm_fwd(x, weight, 1e-6)
+    assert rstd.shape == (*shape[:-1], 1) and y.shape == shape
+    # the same roundings but the order of the row sum: a few ulps
+    assert _ulps(rstd, rstd_want) <= 2
+    want = _rms_norm_ref(x, weight, 1e-6)
+    assert torch.equal(y.sign(), want.sign()) and _ulps(y.abs(), want.abs()) <= 4
+    # with the library's rstd the products round exactly as the library's
+    same_r = weight * (x * rstd)
+    assert _same_bits(y, same_r)
+    # strided input
+    xt = x.transpose(0, -1).contiguous().transpose(0, -1) if x.dim() > 1 else x
+    assert _same_bits(ops.rms_norm_fwd(xt, weight, 1e-6)[0], y)
+
+
+def _rms_want(x, weight, dy):
+    xr = x.double().requires_grad_()    # the reference in fp64
+    y = weight.double() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
+    return torch.autograd.grad(y, xr, dy.double())[0]
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (3, 5, 7), (64, 512), (2, 9, 130)])
 def test_rms_norm_bwd_vs_autograd(shape):
     x, weight, rstd = _rms_inputs(shape)
     dy = torch.randn(shape)
-    xr = x.double().requires_grad_()    # the reference in fp64
-    y = weight.double() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
-    (want,) = torch.autograd.grad(y, xr, dy.double())
+    want = _rms_want(x, weight, dy)
     _close(ops.rms_norm_bwd(dy, x, weight, rstd), want)
+    # from the forward's output instead of its input (signed weights)
+    weight = weight * torch.where(torch.rand(shape[-1]) < 0.5, -1.0, 1.0)
+    want = _rms_want(x, weight, dy)
+    y, rstd = ops.rms_norm_fwd(x, weight, 1e-6)
+    _close(ops.rms_norm_bwd(dy, y, weight, rstd, True), want)
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 7, 5), (1024, 1376), (17, 33)])
-def test_swiglu_bwd_vs_autograd(shape):
-    g = torch.Generator().manual_seed(1)
+def test_swiglu_fwd_vs_the_library(shape):
+    g = torch.Generator().manual_seed(2)
     gate = torch.randn(shape, generator=g) * 6
     gate.view(-1)[:3] = torch.tensor([-200.0, 200.0, -1.2785])[: gate.numel()]  # tails, root
-    up, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    gr, ur = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    want = torch.autograd.grad(F.silu(gr) * ur, (gr, ur), dy)
-    got = ops.swiglu_bwd(dy, gate, up)
-    for a, b in zip(got, want):
-        _close(a, b)
+    up = torch.randn(shape, generator=g)
+    _close(ops.swiglu_fwd(gate, up), F.silu(gate.double()) * up.double())
+    assert _same_bits(ops.swiglu_fwd(gate.t(), up.t()), ops.swiglu_fwd(gate.t().contiguous(),
+                                                                       up.t().contiguous())) \
+        if gate.dim() == 2 else True
 
 
 def test_fused_layer_kernels_reject_bad_input():
@@ -356,6 +390,17 @@ def test_fused_layer_kernels_reject_bad_input():
         ops.rms_norm_bwd(torch.randn(4, 6), x, w[:5], r)
     with pytest.raises(RuntimeError, match="swiglu_bwd: up must be gate's shape"):
         ops.swiglu_bwd(torch.randn(4, 6), x, x[:3])
+    with pytest.raises(RuntimeError, match="swiglu_fwd: up must be gate's shape"):
+        ops.swiglu_fwd(x, x[:3])
+    with pytest.raises(RuntimeError, match="rms_norm_fwd: x must have dtype torch.float32"):
+        ops.rms_norm_fwd(x.double(), w, 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm_fwd: weight must be \[D\]"):
+        ops.rms_norm_fwd(x, w[:5], 1e-6)
+    w0 = w.clone()
+    w0[2] = 0
+    with pytest.raises(RuntimeError, match=r"rms_norm_bwd: x_is_output needs a weight without "
+                                           r"zeros .* weight\[2\] is 0"):
+        ops.rms_norm_bwd(torch.randn(4, 6), x, w0, r, True)
 
 
 # ------------------------------------------------------------------------------------- opcheck
@@ -388,7 +433,12 @@ def _opcheck_cases():
                                         *_rotary_inputs(2, 3, 5, 6)[1:])),
         "rotary_bwd": (ops.rotary_bwd, (rg(_rotary_inputs(2, 3, 5, 6)[0]),
                                         *_rotary_inputs(2, 3, 5, 6)[2:])),
+        "rms_norm_fwd": (ops.rms_norm_fwd, (rg(_rms_inputs((3, 5, 7))[0]),
+                                            _rms_inputs((3, 5, 7))[1], 1e-6)),
         "rms_norm_bwd": (ops.rms_norm_bwd, (rg(torch.randn(3, 5, 7)), *_rms_inputs((3, 5, 7)))),
+        "rms_norm_bwd_y": (ops.rms_norm_bwd, (rg(torch.randn(3, 5, 7)), *_rms_inputs((3, 5, 7)),
+                                              True)),
+        "swiglu_fwd": (ops.swiglu_fwd, (rg(torch.randn(4, 9)), torch.randn(4, 9))),
         "swiglu_bwd": (ops.swiglu_bwd, (rg(torch.randn(4, 9)), torch.randn(4, 9),
                                         torch.randn(4, 9))),
     }

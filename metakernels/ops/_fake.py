@@ -64,9 +64,20 @@ def _rotary_bwd(dy, cos, sin):
     return torch.empty_like(dy)
 
 
+@torch.library.register_fake("metakernels::rms_norm_fwd")
+def _rms_norm_fwd(x, weight, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, x.new_empty(*x.shape[:-1], 1)
+
+
 @torch.library.register_fake("metakernels::rms_norm_bwd")
-def _rms_norm_bwd(dy, x, weight, rstd):
+def _rms_norm_bwd(dy, x, weight, rstd, x_is_output=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("metakernels::swiglu_fwd")
+def _swiglu_fwd(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("metakernels::swiglu_bwd")

@@ -64,6 +64,7 @@ import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -579,8 +580,10 @@ def measure_memory_here(w: Workload, variant: str) -> dict:
             "base_rss_mb": before / 2 ** 20}
 
 
-def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
-    """Runs ``--measure-memory`` in a fresh process per variant."""
+def measure_memory(w: Workload, variants: list[str], runs: int = 1) -> dict[str, dict]:
+    """Runs ``--measure-memory`` in ``runs`` fresh processes per variant; the median of each
+    figure (a step's peak RSS moves by some 10% between processes: where glibc's heap happens
+    to lie)."""
     def one(variant):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-memory",
                "--variant", variant, "--threads", str(torch.get_num_threads()), *w.cli_args()]
@@ -591,7 +594,13 @@ def measure_memory(w: Workload, variants: list[str]) -> dict[str, dict]:
                                f"{r.stderr[-3000:]}")
         return variant, json.loads(lines[-1][len(MEMORY_MARK):])
     with ThreadPoolExecutor(MEMORY_JOBS) as pool:
-        return dict(pool.map(one, variants))
+        got = list(pool.map(one, [v for v in variants for _ in range(runs)]))
+    out = {}
+    for v in variants:
+        mine = [m for name, m in got if name == v]
+        out[v] = {k: statistics.median(m[k] for m in mine) for k in ("peak_rss_mb", "base_rss_mb")}
+        out[v]["rss_runs"] = len(mine)
+    return out
 
 
 def profile_step(runner, name: str, rows: int = 20) -> None:
@@ -611,7 +620,7 @@ COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load
            "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows",
            "seq_len", "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s",
            "p20_s", "p80_s", "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
-           "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rel_err_vs_naive_peft"]
+           "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
 
 TABLE = [("variant", "variant", ""), ("num_tasks", "T", "d"), ("median_s", "median s", ".3f"),
          ("p20_s", "p20", ".3f"), ("p80_s", "p80", ".3f"), ("tokens_per_s", "tok/s", ".0f"),
@@ -693,9 +702,9 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
                      "gemm_gflops": rate / 1e9, "rel_err_vs_naive_peft": err})
         print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
               + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))
-    mem = measure_memory(w, variants)
+    mem = measure_memory(w, variants, args.memory_runs)
     for name, r in zip(variants, rows):
-        r.update({k: mem[name][k] for k in ("peak_rss_mb", "base_rss_mb")})
+        r.update(mem[name])
     return rows
 
 
@@ -722,6 +731,9 @@ def parse_args(argv=None):
     p.add_argument("--csv", type=Path, default=RESULTS / "meta_step.csv")
     p.add_argument("--profile", action="store_true",
                    help="print the top ops by self CPU time of one metakernels step")
+    p.add_argument("--memory-runs", type=int,
+                   help="fresh processes per variant whose median peak RSS is reported "
+                        "(default 3; 1 with --quick)")
     p.add_argument("--measure-memory", action="store_true",
                    help="(one variant) run one step in this process and print its peak RSS")
     g = p.add_argument_group("workload (override the preset)")
@@ -731,8 +743,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    args.memory_runs = args.memory_runs or (1 if args.quick else 3)
+    if args.repeats < 1 or args.warmup < 0 or args.memory_runs < 1:
+        p.error("--repeats and --memory-runs must be >= 1 and --warmup >= 0")
     if args.threads is None and args.quick:
         args.threads = 1
     if args.threads is not None:
@@ -771,7 +784,7 @@ def main(argv=None) -> None:
         rows += new
     print(f"\nFOMAML meta-step, preset {w.preset} ({args.warmup} warm-up + {args.repeats} timed "
           f"steps; 'x' columns are time ratios, lower is better; step MB: peak RSS of a fresh "
-          f"process above its RSS before the step)")
+          f"process above its RSS before the step, median of {args.memory_runs})")
     print_table(rows, TABLE)
     print(f"\nappended {len(rows)} rows to {args.csv}")
 

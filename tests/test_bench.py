@@ -20,11 +20,11 @@ META_STEP_COLUMNS = [
     "variant", "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows", "seq_len",
     "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s", "p20_s", "p80_s",
     "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor", "gemm_gflops", "peak_rss_mb",
-    "base_rss_mb", "rel_err_vs_naive_peft"]
+    "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
 META_STEP_POSITIVE = ["cores", "threads", "rank", "num_tasks", "query_rows", "seq_len",
                       "inner_steps", "tokens_per_step", "repeats", "median_s", "p20_s", "p80_s",
                       "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
-                      "gemm_gflops", "peak_rss_mb", "base_rss_mb"]
+                      "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs"]
 OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
                "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
                "throughput", "speedup_vs_reference"]
@@ -128,10 +128,12 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
 def test_meta_step_extra_variants_match_naive_peft(tmp_path):
     """The variants that switch an optimisation off (the fused layers' C++ kernels; the fused
-    layers and loss) compute the same meta-gradient as naive-peft."""
+    layers and loss) compute the same meta-gradient as naive-peft. (Their memory is the median of
+    two fresh processes each.)"""
     path = tmp_path / "extra.csv"
     run_script("meta_step.py", "--quick", "--csv", path, "--variant", "naive-peft",
-               "--variant", "metakernels-cpu-torchlayers", "--variant", "metakernels-cpu-plain")
+               "--variant", "metakernels-cpu-torchlayers", "--variant", "metakernels-cpu-plain",
+               "--memory-runs", "2")
     columns, rows = read_csv(path)
     assert columns == META_STEP_COLUMNS
     assert sorted(r["variant"] for r in rows) == ["metakernels-cpu-plain",
@@ -139,3 +141,4 @@ def test_meta_step_extra_variants_match_naive_peft(tmp_path):
     for r in rows:
         assert_positive(r, META_STEP_POSITIVE)
         assert float(r["rel_err_vs_naive_peft"]) < 1e-4
+        assert r["rss_runs"] == "2"

@@ -95,4 +95,20 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up);
 
+// Attention for short sequences (csrc/attention.cpp): O = softmax(scale Q K^T, masked) V per
+// (batch, head), grouped-query heads allowed. q [B, H, Lq, D], k/v [B, Hkv, Lk, D] float32 with
+// unit last strides; mask: bool [B or 1, 1, Lq, Lk] (true = attend), or none: causal (or full).
+// Returns (out [B, H, Lq, D] as a view of a [B, Lq, H, D] tensor, lse [B, H, Lq]); a fully masked
+// row gives zeros and lse = +inf.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 bool causal, double scale);
+
+// Its backward from the forward's out and lse. Returns (dq, dk, dv).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    bool causal, double scale);
+
 }  // namespace metakernels

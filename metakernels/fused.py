@@ -222,6 +222,83 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention (cpu backend, short sequences)
+# ---------------------------------------------------------------------------------------------
+ATTENTION_MAX_LEN = 256   # one (batch, head)'s [L, L] scores stay in L2; longer: the library's SDPA
+
+
+class _AttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, lse = torch.ops.metakernels.attention_fwd(q, k, v, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if torch.is_grad_enabled():
+            raise RuntimeError("attention: the cpu backend's attention kernel has no double "
+                               "backward; for a second-order gradient (create_graph=True) run "
+                               "under metakernels.backend.use_backend('torch')")
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dq, dk, dv = torch.ops.metakernels.attention_bwd(dout, q, k, v, out, lse, mask,
+                                                         ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _attention_kernel_applies(module, q, k, v, mask, dropout, kwargs) -> bool:
+    """Whether ``csrc/attention.cpp`` computes what the library's SDPA path would: float32 CPU
+    tensors under the cpu backend, a prefill (as many queries as keys) of at most
+    ``ATTENTION_MAX_LEN``, no dropout, softcap or position bias, and a mask that is none or
+    boolean [B or 1, 1, L, L]. (A sliding window is in the mask, as for SDPA, which ignores the
+    ``sliding_window`` argument.)"""
+    L = q.shape[2]
+    if (dropout and module.training) or any(kwargs.get(a) is not None for a in (
+            "softcap", "position_bias")) or kwargs.get("output_attentions"):
+        return False
+    if not (k.shape[2] == L <= ATTENTION_MAX_LEN and v.shape[-1] == q.shape[-1]
+            and q.shape[1] % k.shape[1] == 0 and all(t.stride(-1) == 1 for t in (q, k, v))):
+        return False
+    if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4
+                                 and mask.shape[1] == 1 and mask.shape[2:] == (L, L)
+                                 and mask.shape[0] in (1, q.shape[0])):
+        return False
+    return _cpu_kernels(q, k, v)
+
+
+def _patch_sdpa_global() -> bool:
+    """Makes the library's "sdpa" attention function use ``csrc/attention.cpp`` inside patched
+    attentions where it applies (a dispatcher: everywhere else the library's function runs)."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    except ImportError:
+        return False
+    original = ALL_ATTENTION_FUNCTIONS.get("sdpa")
+    if original is None:
+        return False
+    if getattr(original, "_metakernels_original", None) is not None:
+        return True
+
+    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
+                               scaling=None, is_causal=None, **kwargs):
+        if _fused_active() and _attention_kernel_applies(module, query, key, value,
+                                                         attention_mask, dropout, kwargs):
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = _AttentionFn.apply(query, key, value, attention_mask, causal, float(scale))
+            return out.transpose(1, 2), None          # [B, L, H, D], contiguous
+        return original(module, query, key, value, attention_mask, dropout=dropout,
+                        scaling=scaling, is_causal=is_causal, **kwargs)
+
+    sdpa_attention_forward._metakernels_original = original
+    AttentionInterface.register("sdpa", sdpa_attention_forward)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # Switching a model's modules
 # ---------------------------------------------------------------------------------------------
 _ACTIVE = threading.local()
@@ -289,6 +366,7 @@ def apply_fused_layers(model: nn.Module) -> dict[str, int]:
             counts["swiglu"] += 1
         elif (name.endswith("Attention") and hasattr(m, "q_proj")
               and _patch_rotary_global(type(m).__module__)):
+            _patch_sdpa_global()
             m.forward = types.MethodType(_scoped_attention_forward, m)
             counts["rotary"] += 1
         else:

@@ -90,6 +90,12 @@ TORCH_LIBRARY(metakernels, m) {
       "rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd, bool x_is_output=False) "
       "-> Tensor");
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
@@ -106,13 +112,15 @@ TORCH_LIBRARY_IMPL(metakernels, CPU, m) {
   m.impl("rms_norm_bwd", &metakernels::rms_norm_bwd);
   m.impl("swiglu_fwd", &metakernels::swiglu_fwd);
   m.impl("swiglu_bwd", &metakernels::swiglu_bwd);
+  m.impl("attention_fwd", &metakernels::attention_fwd);
+  m.impl("attention_bwd", &metakernels::attention_bwd);
 }
 
 TORCH_LIBRARY_IMPL(metakernels, Autograd, m) {
   for (const char* name : {"multi_lora_linear_fwd", "multi_lora_linear_bwd", "fused_sgd_",
                            "fused_adam_", "meta_reduce", "segment_cross_entropy_fwd",
                            "rotary_fwd", "rotary_bwd", "rms_norm_fwd", "rms_norm_bwd",
-                           "swiglu_fwd", "swiglu_bwd"}) {
+                           "swiglu_fwd", "swiglu_bwd", "attention_fwd", "attention_bwd"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
   }
 }

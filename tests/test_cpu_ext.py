@@ -376,6 +376,74 @@ def test_swiglu_fwd_vs_the_library(shape):
         if gate.dim() == 2 else True
 
 
+def _attention_inputs(B, H, Hkv, L, D, seed=0, contiguous=False):
+    """q, k, v as transposed views of [B, L, heads, D] projection outputs (or contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, L, h, D, generator=g).transpose(1, 2) for h in (H, Hkv, Hkv))
+    if contiguous:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return q, k, v
+
+
+def _attention_want(q, k, v, mask, causal, scale, dout):
+    """fp64 reference (the math form, keys repeated for grouped heads) and its gradients."""
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = kr.repeat_interleave(rep, 1), vr.repeat_interleave(rep, 1)
+    s = (qr @ kk.transpose(-1, -2)) * scale
+    L = q.shape[2]
+    keep = torch.ones(L, L, dtype=torch.bool).tril() if causal else torch.ones(L, L, dtype=torch.bool)
+    keep = keep if mask is None else mask
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)        # a fully masked row: zeros
+    out = p @ vv
+    return out, torch.autograd.grad(out, (qr, kr, vr), dout.double())
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,causal,contiguous", [
+    (1, 1, 1, 2, 2, True, False), (2, 4, 2, 7, 6, True, False), (3, 8, 8, 64, 64, True, True),
+    (2, 6, 3, 37, 16, False, False), (1, 2, 1, 130, 8, True, False)])
+def test_attention_vs_the_math_form(B, H, Hkv, L, D, causal, contiguous):
+    q, k, v = _attention_inputs(B, H, Hkv, L, D, contiguous=contiguous)
+    scale = 0.7 / D ** 0.5
+    dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9))
+    out, lse = ops.attention_fwd(q, k, v, None, causal, scale)
+    want, grads = _attention_want(q, k, v, None, causal, scale, dout)
+    _close(out, want)
+    assert out.transpose(1, 2).is_contiguous()       # [B, L, H, D] underneath
+    got = ops.attention_bwd(dout, q, k, v, out, lse, None, causal, scale)
+    for a, b, t in zip(got, grads, (q, k, v)):
+        # absolute 1e-6 on O(1) inputs: a row with one key has dq = 0 up to the rounding of
+        # dO . v in two orders
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+        assert a.shape == t.shape
+
+
+def test_attention_with_a_padding_mask_and_fully_masked_rows():
+    B, H, Hkv, L, D = 3, 4, 2, 9, 8
+    q, k, v = _attention_inputs(B, H, Hkv, L, D, seed=1)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    pad = torch.ones(B, L, dtype=torch.bool)
+    pad[0, 6:] = False             # right padding
+    pad[1, :3] = False             # left padding: query rows 0-2 attend to nothing
+    mask = (causal & pad[:, None, None, :])
+    dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(3))
+    out, lse = ops.attention_fwd(q, k, v, mask, True, 0.3)
+    want, grads = _attention_want(q, k, v, mask, True, 0.3, dout)
+    _close(out, want)
+    assert torch.all(out[1, :, :3] == 0) and torch.isinf(lse[1, :, :3]).all()
+    got = ops.attention_bwd(dout, q, k, v, out, lse, mask, True, 0.3)
+    for a, b in zip(got, grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+    # one key: the output is v
+    assert torch.equal(ops.attention_fwd(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, True, 0.3)[0],
+                       v[:, :, :1].repeat_interleave(2, 1))
+    # a mask for the whole batch ([1, 1, L, L]) broadcasts
+    out1, _ = ops.attention_fwd(q, k, v, causal[None, None], False, 0.3)
+    _close(out1, ops.attention_fwd(q, k, v, None, True, 0.3)[0])
+
+
 def test_fused_layer_kernels_reject_bad_input():
     q, k, cos, sin = _rotary_inputs(2, 3, 5, 6)
     with pytest.raises(RuntimeError, match="rotary_fwd: q must have dtype torch.float32"):
@@ -392,6 +460,16 @@ def test_fused_layer_kernels_reject_bad_input():
         ops.swiglu_bwd(torch.randn(4, 6), x, x[:3])
     with pytest.raises(RuntimeError, match="swiglu_fwd: up must be gate's shape"):
         ops.swiglu_fwd(x, x[:3])
+    q, k, v = _attention_inputs(2, 4, 2, 5, 6)
+    with pytest.raises(RuntimeError, match=r"attention_fwd: q's heads \(4\) must be a multiple "
+                                           r"of k's \(3\)"):
+        ops.attention_fwd(q, *_attention_inputs(2, 3, 3, 5, 6)[1:], None, True, 1.0)
+    with pytest.raises(RuntimeError, match=r"attention_fwd: mask must be \[B or 1, 1, Lq, Lk\]"):
+        ops.attention_fwd(q, k, v, torch.ones(2, 1, 5, 4, dtype=torch.bool), True, 1.0)
+    with pytest.raises(RuntimeError, match="attention_fwd: mask must have dtype torch.bool"):
+        ops.attention_fwd(q, k, v, torch.ones(2, 1, 5, 5), True, 1.0)
+    with pytest.raises(RuntimeError, match="attention_bwd: q must have a unit last stride"):
+        ops.attention_bwd(q, q.transpose(2, 3), k, v, q, torch.zeros(2, 4, 5), None, True, 1.0)
     with pytest.raises(RuntimeError, match="rms_norm_fwd: x must have dtype torch.float32"):
         ops.rms_norm_fwd(x.double(), w, 1e-6)
     with pytest.raises(RuntimeError, match=r"rms_norm_fwd: weight must be \[D\]"):
@@ -439,6 +517,14 @@ def _opcheck_cases():
         "rms_norm_bwd_y": (ops.rms_norm_bwd, (rg(torch.randn(3, 5, 7)), *_rms_inputs((3, 5, 7)),
                                               True)),
         "swiglu_fwd": (ops.swiglu_fwd, (rg(torch.randn(4, 9)), torch.randn(4, 9))),
+        "attention_fwd": (ops.attention_fwd, (rg(_attention_inputs(2, 4, 2, 5, 6)[0]),
+                                              *_attention_inputs(2, 4, 2, 5, 6)[1:],
+                                              torch.ones(2, 1, 5, 5, dtype=torch.bool).tril(),
+                                              False, 0.5)),
+        "attention_bwd": (ops.attention_bwd, (rg(torch.randn(2, 4, 5, 6)),
+                                              *_attention_inputs(2, 4, 2, 5, 6),
+                                              torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5), None,
+                                              True, 0.5)),
         "swiglu_bwd": (ops.swiglu_bwd, (rg(torch.randn(4, 9)), torch.randn(4, 9),
                                         torch.randn(4, 9))),
     }

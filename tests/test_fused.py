@@ -1,5 +1,6 @@
 """The memory-lean RMSNorm / SwiGLU / rotary against Hugging Face's code: values, gradients
 (first and second order) and the saved activations."""
+import contextlib
 import copy
 
 import pytest
@@ -191,12 +192,20 @@ def test_fused_model_equals_plain_model_and_saves_less(family, name):
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
     # SwiGLU no longer keeps silu(gate): one [rows, intermediate] fp32 tensor per layer less.
     # (RMSNorm and rotary already kept only what they need: autograd does not save the
-    # operands of a product with a frozen factor.) Under the cpu kernels the input norm keeps
-    # its output, which q/k/v keep anyway, instead of its input: one [rows, hidden] per layer
-    # but the first, whose input (the frozen embedding's output) needs no gradient.
+    # operands of a product with a frozen factor.)
     rows = batch.input_ids.numel()
-    norm = (2 - 1) * rows * 32 * 4 if name == "cpu" else 0
-    assert saved[1] - saved[0] == 2 * rows * 72 * 4 + norm, saved
+    swiglu = 2 * rows * 72 * 4
+    if name == "torch":
+        assert saved[1] - saved[0] == swiglu, saved
+    else:
+        # Under the cpu kernels the input norm keeps its output, which q/k/v keep anyway, instead
+        # of its input: one [rows, hidden] per layer but the first, whose input (the frozen
+        # embedding's output) needs no gradient. The attention kernel keeps k and v with their
+        # own (fewer) heads, where SDPA keeps them repeated to q's heads (and its mask as
+        # floats, not booleans).
+        norm = (2 - 1) * rows * 32 * 4
+        kv_heads = 2 * 2 * rows * (4 - 2) * 8 * 4
+        assert saved[1] - saved[0] >= swiglu + norm + kv_heads, saved
     # The unpatched copy still ran the library's rotary function.
     from transformers.models.llama import modeling_llama as m
     assert not fused._fused_active()
@@ -206,8 +215,8 @@ def test_fused_model_equals_plain_model_and_saves_less(family, name):
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
 def test_cpu_kernels_of_the_fused_layers_match_their_torch_forms():
     """Under the cpu backend the fused layers run csrc/fused_layers.cpp (rotary, RMSNorm and
-    SwiGLU, forward and backward): the same logits to fp32 rounding (the rotary forward bitwise),
-    the same adapter gradient, as under the torch backend."""
+    SwiGLU, forward and backward) and csrc/attention.cpp (with the batch's padding mask): the same
+    logits to fp32 rounding, the same adapter gradient, as under the torch backend."""
     from torch.profiler import ProfilerActivity, profile
     model = build_tiny_model("llama", vocab_size=61, hidden_size=48, num_layers=2, num_heads=4,
                              num_kv_heads=2, intermediate_size=88)
@@ -226,11 +235,50 @@ def test_cpu_kernels_of_the_fused_layers_match_their_torch_forms():
             out[name] = (logits.detach(), torch.autograd.grad(loss, fast)[0])
         calls = {e.key.split("::")[1]: e.count for e in prof.key_averages()
                  if e.key.startswith("metakernels::") and "lora" not in e.key}
-        # per layer: rotary fwd + 2 bwd (q, k), SwiGLU fwd + bwd, 2 RMSNorm fwd + bwd; the final
-        # norm; no backward for the first layer's input norm (the frozen embedding's output
-        # needs no gradient)
-        want = {"rotary_fwd": 2, "rotary_bwd": 4, "swiglu_fwd": 2, "swiglu_bwd": 2,
-                "rms_norm_fwd": 5, "rms_norm_bwd": 4}
+        # per layer: rotary fwd + 2 bwd (q, k), attention fwd + bwd, SwiGLU fwd + bwd, 2 RMSNorm
+        # fwd + bwd; the final norm; no backward for the first layer's input norm (the frozen
+        # embedding's output needs no gradient)
+        want = {"rotary_fwd": 2, "rotary_bwd": 4, "attention_fwd": 2, "attention_bwd": 2,
+                "swiglu_fwd": 2, "swiglu_bwd": 2, "rms_norm_fwd": 5, "rms_norm_bwd": 4}
         assert calls == (want if name == "cpu" else {}), (name, calls)
     torch.testing.assert_close(out["cpu"][0], out["torch"][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out["cpu"][1], out["torch"][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_attention_kernel_only_where_it_computes_what_sdpa_does():
+    """Inside a switched attention, under the cpu backend, the library's "sdpa" function runs
+    csrc/attention.cpp for a causal or boolean-masked prefill of at most ATTENTION_MAX_LEN; a
+    float mask, a longer sequence, dropout in training, the torch backend or a call from outside
+    a switched attention run the library's own function."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    model = build_tiny_model("llama", vocab_size=61, hidden_size=32, num_layers=1, num_heads=4,
+                             num_kv_heads=2, intermediate_size=40)
+    fused.apply_fused_layers(model)
+    attn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert attn._metakernels_original is not None
+    module = model.model.layers[0].self_attn
+
+    def ran_kernel(L, mask=None, scope=True, name="cpu", dropout=0.0, training=False):
+        q, k, v = (_rand(2, h, L, 8, seed=i).requires_grad_() for i, h in enumerate((4, 2, 2)))
+        module.train(training)
+        ctx = fused._fused_scope() if scope else contextlib.nullcontext()
+        with profile(activities=[ProfilerActivity.CPU]) as prof, backend.use_backend(name), ctx:
+            out, _ = attn(module, q, k, v, mask, dropout=dropout, scaling=0.35)
+            out.sum().backward()
+        want = F.scaled_dot_product_attention(
+            q.detach(), k.detach().repeat_interleave(2, 1), v.detach().repeat_interleave(2, 1),
+            attn_mask=mask, is_causal=mask is None, scale=0.35).transpose(1, 2)
+        if not dropout:
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        return any(e.key == "metakernels::attention_fwd" for e in prof.key_averages())
+
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    assert ran_kernel(6) and ran_kernel(6, causal)
+    assert not ran_kernel(6, torch.zeros(2, 1, 6, 6).masked_fill(~causal, float("-inf")))
+    assert not ran_kernel(fused.ATTENTION_MAX_LEN + 1)
+    assert not ran_kernel(6, scope=False)
+    assert not ran_kernel(6, name="torch")
+    assert not ran_kernel(6, dropout=0.5, training=True)
+    assert ran_kernel(6, dropout=0.5, training=False)

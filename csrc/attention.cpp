@@ -1,0 +1,306 @@
+// Causal (or masked) attention for the short sequences of few-shot meta-learning, forward and
+// backward, on the CPU.
+//
+// ATen's flash attention for the CPU splits a sequence of L <= 192 into blocks of 32 queries and
+// makes five passes of small GEMMs per block in its backward. For L of a few hundred at most, one
+// (batch, head) pair's whole score matrix S = scale * Q K^T [Lq, Lk] fits in L2, so this kernel
+// computes it in one GEMM per pair (BLAS sgemm, single-threaded inside a parallel loop over the
+// pairs), applies the mask and the softmax in place, and keeps only the output and the per-row
+// logsumexp (lse) for the backward, which recomputes P = exp(S - lse):
+//
+//   forward:  S = scale Q K^T, masked; P = softmax(S); O = P V
+//   backward: dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)); dQ = scale dS K;
+//             dK = scale dS^T Q
+//
+// The pairs of one key/value head (grouped-query attention: H / Hkv query heads share it) run in
+// one task, so that dK and dV are accumulated without races. A query row with no key to attend to
+// (a fully masked row) gets a zero output and lse = +inf, so that it passes no gradient.
+//
+// Layouts: q [B, H, Lq, D], k/v [B, Hkv, Lk, D], any strides with a unit last stride (the
+// projections' [B, L, H, D] outputs, transposed); mask: none (causal when `causal`, else full)
+// or bool [B or 1, 1, Lq, Lk], true = attend. The output and dq are allocated [B, Lq, H, D] and
+// returned as [B, H, Lq, D] views (what the o projection reads without a copy); dk/dv keep k/v's
+// layout.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+#include "vec_math.h"
+
+// The BLAS that torch itself links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the
+// Fortran sgemm_. Weak: where it is missing, at::mm on the blocks runs instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace metakernels {
+namespace {
+
+// Row-major C[M, N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (tA/tB), leading dimensions
+// in elements. Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the operands
+// swap, the transpose flags stay.
+void gemm_rm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char ta = tB ? 'T' : 'N', tb = tA ? 'T' : 'N';
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  auto view = [](const float* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X) is [rows, cols]; X itself is stored [rows, cols] (no transpose) or [cols, rows]
+    at::Tensor x = t ? at::from_blob(const_cast<float*>(p), {cols, rows}, {ld, 1}, at::kFloat).t()
+                     : at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::kFloat);
+    return x;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::kFloat);
+  at::Tensor prod = at::mm(view(A, tA, M, K, lda), view(B, tB, K, N, ldb));
+  if (beta == 0.0f) {
+    c.copy_(prod.mul_(alpha));
+  } else {
+    c.mul_(beta).add_(prod, alpha);
+  }
+}
+
+struct AttnDims {
+  int64_t B, H, Hkv, Lq, Lk, D, group;
+};
+
+struct Strided {  // a [B, H, L, D] tensor's data and strides
+  const float* p;
+  int64_t sb, sh, sl;
+  const float* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+};
+
+Strided strided(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// kept(i, j): query i may attend to key j.
+struct Mask {
+  const bool* p = nullptr;  // [B or 1, 1, Lq, Lk] contiguous, or null
+  int64_t sb = 0, Lk = 0;
+  bool causal = false;
+  int64_t offset = 0;       // causal: key j <= i + offset (Lk - Lq, bottom-right aligned as
+                            // flash; the callers only pass Lq == Lk)
+  const bool* row(int64_t b, int64_t i) const { return p + b * sb + i * Lk; }
+};
+
+// Softmax of the masked score rows in place (S [Lq, Lk], row stride Lk); writes lse. Returns
+// nothing; fully masked rows become zeros with lse = +inf.
+MK_TARGET_CLONES void masked_softmax_rows(float* S, float* lse, int64_t Lq, int64_t Lk,
+                                          const Mask& mask, int64_t b) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < Lq; ++i) {
+    float* s = S + i * Lk;
+    int64_t n = Lk;                      // keys [0, n) may be kept; the rest are masked
+    if (mask.p != nullptr) {
+      const bool* keep = mask.row(b, i);
+      for (int64_t j = 0; j < Lk; ++j) s[j] = keep[j] ? s[j] : kNegInf;
+    } else if (mask.causal) {
+      n = std::clamp<int64_t>(i + mask.offset + 1, 0, Lk);
+      for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
+    }
+    float m = kNegInf;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+    if (m == kNegInf) {                   // nothing to attend to
+      for (int64_t j = 0; j < Lk; ++j) s[j] = 0.0f;
+      lse[i] = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = exp_nonpositive(s[j] - m);   // masked: exp(-inf) = 0
+      s[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+    lse[i] = m + std::log(sum);
+  }
+}
+
+// P = exp(S - lse) in place over the rows (the forward's softmax, recomputed), masked entries 0.
+MK_TARGET_CLONES void recompute_probs(float* S, const float* lse, int64_t Lq, int64_t Lk,
+                                      const Mask& mask, int64_t b) {
+  for (int64_t i = 0; i < Lq; ++i) {
+    float* s = S + i * Lk;
+    const float l = lse[i];
+    if (std::isinf(l)) {
+      std::fill(s, s + Lk, 0.0f);
+      continue;
+    }
+    int64_t n = Lk;
+    if (mask.p == nullptr && mask.causal) n = std::clamp<int64_t>(i + mask.offset + 1, 0, Lk);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(std::min(s[j] - l, 0.0f));
+    for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
+    if (mask.p != nullptr) {
+      const bool* keep = mask.row(b, i);
+      for (int64_t j = 0; j < Lk; ++j) s[j] = keep[j] ? s[j] : 0.0f;
+    }
+  }
+}
+
+// dS = P * (dP - delta_i) in place in dP, delta_i = rowsum(dO * O) (given per row).
+MK_TARGET_CLONES void softmax_bwd_rows(const float* P, float* dP, const float* delta, int64_t Lq,
+                                       int64_t Lk) {
+  for (int64_t i = 0; i < Lq; ++i) {
+    const float* p = P + i * Lk;
+    float* d = dP + i * Lk;
+    const float di = delta[i];
+#pragma omp simd
+    for (int64_t j = 0; j < Lk; ++j) d[j] = p[j] * (d[j] - di);
+  }
+}
+
+MK_TARGET_CLONES void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb,
+                               float* out, int64_t rows, int64_t D) {
+  for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<float>(dot_f64(a + i * lda, b + i * ldb, D));
+}
+
+#define MK_CHECK_ATTN_INPUT(x, what)                                                            \
+  do {                                                                                          \
+    MK_CHECK_CPU_FLOAT(x);                                                                      \
+    MK_CHECK_DIM(x, 4, what);                                                                   \
+    TORCH_CHECK((x).stride(3) == 1, kOp, ": ", #x, " must have a unit last stride, got ",      \
+                describe(x), " with strides ", (x).strides());                                 \
+  } while (0)
+
+AttnDims check_attention(const char* kOp, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const std::optional<at::Tensor>& mask_opt) {
+  MK_CHECK_ATTN_INPUT(q, "[B, H, Lq, D]");
+  MK_CHECK_ATTN_INPUT(k, "[B, Hkv, Lk, D]");
+  MK_CHECK_ATTN_INPUT(v, "[B, Hkv, Lk, D]");
+  AttnDims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), 1};
+  MK_CHECK_SHAPE(k, "[B, Hkv, Lk, D] with B, D from q", d.B, d.Hkv, d.Lk, d.D);
+  MK_CHECK_SHAPE(v, "k's shape", d.B, d.Hkv, d.Lk, d.D);
+  TORCH_CHECK(d.Hkv > 0 && d.H % d.Hkv == 0, kOp, ": q's heads (", d.H,
+              ") must be a multiple of k's (", d.Hkv, ")");
+  d.group = d.H / d.Hkv;
+  if (mask_opt.has_value() && mask_opt->defined()) {
+    const at::Tensor& mask = *mask_opt;
+    MK_CHECK_CPU(mask);
+    MK_CHECK_DTYPE(mask, at::kBool);
+    TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == d.B || mask.size(0) == 1) &&
+                    mask.size(1) == 1 && mask.size(2) == d.Lq && mask.size(3) == d.Lk,
+                kOp, ": mask must be [B or 1, 1, Lq, Lk] = [", d.B, " or 1, 1, ", d.Lq, ", ", d.Lk,
+                "], got ", describe(mask));
+  }
+  return d;
+}
+
+Mask make_mask(const std::optional<at::Tensor>& mask, at::Tensor& keep, bool causal,
+               const AttnDims& d) {
+  Mask m;
+  m.Lk = d.Lk;
+  if (mask.has_value() && mask->defined()) {
+    keep = mask->contiguous();
+    m.p = keep.data_ptr<bool>();
+    m.sb = keep.size(0) == 1 ? 0 : d.Lq * d.Lk;
+  } else {
+    m.causal = causal;
+    m.offset = d.Lk - d.Lq;
+  }
+  return m;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 bool causal, double scale) {
+  constexpr const char* kOp = "attention_fwd";
+  const AttnDims d = check_attention(kOp, q, k, v, mask);
+  at::Tensor keep;
+  const Mask m = make_mask(mask, keep, causal, d);
+  at::Tensor out = at::empty({d.B, d.Lq, d.H, d.D}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({d.B, d.H, d.Lq}, q.options());
+  const Strided Q = strided(q), K = strided(k), V = strided(v), O = strided(out);
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(d.Lq * d.Lk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
+      gemm_rm(false, true, d.Lq, d.Lk, d.D, sc, Q.at(b, h), Q.sl, K.at(b, hk), K.sl, 0.0f,
+              S.data(), d.Lk);
+      masked_softmax_rows(S.data(), lp + bh * d.Lq, d.Lq, d.Lk, m, b);
+      float* o = op + (O.at(b, h) - O.p);
+      gemm_rm(false, false, d.Lq, d.D, d.Lk, 1.0f, S.data(), d.Lk, V.at(b, hk), V.sl, 0.0f, o,
+              O.sl);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    bool causal, double scale) {
+  constexpr const char* kOp = "attention_bwd";
+  const AttnDims d = check_attention(kOp, q, k, v, mask);
+  MK_CHECK_ATTN_INPUT(dout, "[B, H, Lq, D]");
+  MK_CHECK_SHAPE(dout, "q's shape", d.B, d.H, d.Lq, d.D);
+  MK_CHECK_ATTN_INPUT(out, "[B, H, Lq, D]");
+  MK_CHECK_SHAPE(out, "q's shape", d.B, d.H, d.Lq, d.D);
+  MK_CHECK_CPU_FLOAT_SHAPE(lse, "[B, H, Lq]", d.B, d.H, d.Lq);
+  at::Tensor keep;
+  const Mask m = make_mask(mask, keep, causal, d);
+  const at::Tensor lc = lse.contiguous();
+  at::Tensor dq = at::empty({d.B, d.Lq, d.H, d.D}, q.options()).transpose(1, 2);
+  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
+  const Strided Q = strided(q), K = strided(k), V = strided(v), dO = strided(dout),
+                O = strided(out), dQ = strided(dq), dK = strided(dk), dV = strided(dv);
+  float* dqp = dq.data_ptr<float>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const float* lp = lc.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  // one task per (batch, kv head): its query heads accumulate into its dK, dV
+  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(d.Lq * d.Lk), dP(d.Lq * d.Lk), delta(d.Lq);
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / d.Hkv, hk = bk % d.Hkv;
+      float* dk_bh = dkp + (dK.at(b, hk) - dK.p);
+      float* dv_bh = dvp + (dV.at(b, hk) - dV.p);
+      for (int64_t g = 0; g < d.group; ++g) {
+        const int64_t h = hk * d.group + g;
+        const float beta = g == 0 ? 0.0f : 1.0f;
+        gemm_rm(false, true, d.Lq, d.Lk, d.D, sc, Q.at(b, h), Q.sl, K.at(b, hk), K.sl, 0.0f,
+                P.data(), d.Lk);
+        recompute_probs(P.data(), lp + (b * d.H + h) * d.Lq, d.Lq, d.Lk, m, b);
+        // dV (+)= P^T dO
+        gemm_rm(true, false, d.Lk, d.D, d.Lq, 1.0f, P.data(), d.Lk, dO.at(b, h), dO.sl, beta,
+                dv_bh, dV.sl);
+        // dP = dO V^T; dS = P * (dP - rowsum(dO * O))
+        gemm_rm(false, true, d.Lq, d.Lk, d.D, 1.0f, dO.at(b, h), dO.sl, V.at(b, hk), V.sl, 0.0f,
+                dP.data(), d.Lk);
+        row_dots(dO.at(b, h), dO.sl, O.at(b, h), O.sl, delta.data(), d.Lq, d.D);
+        softmax_bwd_rows(P.data(), dP.data(), delta.data(), d.Lq, d.Lk);
+        // dQ = scale dS K; dK (+)= scale dS^T Q
+        gemm_rm(false, false, d.Lq, d.D, d.Lk, sc, dP.data(), d.Lk, K.at(b, hk), K.sl, 0.0f,
+                dqp + (dQ.at(b, h) - dQ.p), dQ.sl);
+        gemm_rm(true, false, d.Lk, d.D, d.Lq, sc, dP.data(), d.Lk, Q.at(b, h), Q.sl, beta, dk_bh,
+                dK.sl);
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace metakernels

@@ -9,7 +9,7 @@ variant starts from the same model weights, the same initial adapters (theta) an
                            is built); ``--task-chunk C`` runs it C tasks at a time (the
                            memory-saving mode, reported as ``metakernels-<backend>-chunkC``)
     metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms,
-                           without the C++ kernels of csrc/fused_layers.cpp
+                           without the C++ kernels of csrc/fused_layers.cpp and csrc/attention.cpp
     metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/
                            rotary layers and with the loss from the materialised logits
     naive-peft             ``naive_step``: one task after another on a PEFT LoRA model (the seeds'
@@ -282,7 +282,7 @@ def plain_task_losses(model: nn.Module, batch: PackedBatch, chunk_size: int = 0)
 class Metakernels:
     """``fomaml_step``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and with
     the loss computed from the materialised logits instead of ``segment_cross_entropy``;
-    ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp)."""
+    ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp, no csrc/attention.cpp)."""
 
     def __init__(self, w, adapters, support, query, backend_name, plain=False,
                  layer_kernels=True):

@@ -28,6 +28,13 @@ taken in another order). The backwards of a first-order step (no ``create_graph`
 kernels; a double backward runs the torch forms, and raises for a norm that kept its output
 (second-order MAML runs the torch backend). Everywhere else the torch forms run.
 
+Under the cpu backend a switched attention also routes the library's ``"sdpa"`` attention
+function to ``csrc/attention.cpp`` (``torch.ops.metakernels.attention_fwd``/``_bwd``) for fp32
+prefills of at most ``ATTENTION_MAX_LEN`` tokens with a causal or boolean mask: one GEMM per
+(batch, head) for the whole score matrix where ATen's CPU flash attention works in 32-query
+blocks, grouped-query heads without repeating k and v. Everything else (float masks, dropout in
+training, longer sequences, other backends) runs the library's SDPA.
+
 ``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
 like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs with ``gate_proj``/``up_proj``/
 ``down_proj`` and a SiLU, attentions calling their modeling file's ``apply_rotary_pos_emb``);
@@ -349,8 +356,9 @@ def _is_silu(act) -> bool:
 
 
 def apply_fused_layers(model: nn.Module) -> dict[str, int]:
-    """Switches ``model``'s RMSNorms, SwiGLU MLPs and rotary embeddings to the memory-lean
-    functions above; returns how many modules of each kind were switched. Idempotent."""
+    """Switches ``model``'s RMSNorms, SwiGLU MLPs and rotary embeddings (and, through the
+    attentions, SDPA) to the functions above; returns how many modules of each kind were
+    switched. Idempotent."""
     counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
     for m in model.modules():
         if getattr(m, "_metakernels_fused", False):

@@ -70,6 +70,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from pathlib import Path
 
 from common import RESULTS, append_csv, gemm_rate, print_table, quantiles, run_metadata
@@ -629,11 +630,14 @@ TABLE = [("variant", "variant", ""), ("num_tasks", "T", "d"), ("median_s", "medi
          ("rel_err_vs_naive_peft", "rel err", ".1e")]
 
 
-def time_variants(runners: dict, warmup: int, repeats: int) -> dict[str, dict]:
+def time_variants(runners: dict, warmup: int, repeats: int,
+                  probe: Callable[[], None] | None = None) -> dict[str, dict]:
     """``warmup`` untimed steps of every runner, then ``repeats`` rounds in which every runner
     takes one timed step (``time.perf_counter`` around the whole meta-step) in turn, so that a
     machine whose load drifts slows every variant alike. Returns per runner its times and the
-    last step's meta-gradient and query loss."""
+    last step's meta-gradient and query loss. ``probe`` runs after each round (the GEMM rate
+    measured there: the floor's rate then comes from the same minutes as the steps, not from a
+    moment before them)."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.step()
@@ -644,6 +648,8 @@ def time_variants(runners: dict, warmup: int, repeats: int) -> dict[str, dict]:
             grad, loss = runner.step()
             res[name]["times"].append(time.perf_counter() - t0)
             res[name]["grad"], res[name]["loss"] = grad, loss
+        if probe is not None:
+            probe()
     return res
 
 
@@ -651,7 +657,8 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     adapters = initial_adapters(w)
     support, query = make_data(w, model_config(w).vocab_size)
     n = model_config(w).hidden_size
-    rate = gemm_rate(n)
+    rates = [gemm_rate(n)]
+    probe = lambda: rates.append(gemm_rate(n))   # noqa: E731
     tokens = tokens_per_step(w, support, query)
     print(f"\n== {w.preset}: {w.describe_model()}, targets {w.targets} r{w.rank}, "
           f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
@@ -660,21 +667,22 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
         results = {}
         for name in variants:
             runner = make_variant(name, w, adapters, support, query)
-            results.update(time_variants({name: runner}, args.warmup, args.repeats))
+            results.update(time_variants({name: runner}, args.warmup, args.repeats, probe))
             if args.profile and name.startswith("metakernels-"):
                 profile_step(runner, name)
             del runner
             gc.collect()
     else:
         runners = {name: make_variant(name, w, adapters, support, query) for name in variants}
-        results = time_variants(runners, args.warmup, args.repeats)
+        results = time_variants(runners, args.warmup, args.repeats, probe)
         if args.profile:
             for name, runner in runners.items():
                 if name.startswith("metakernels-"):
                     profile_step(runner, name)
         del runners
         gc.collect()
-    rate = max(rate, gemm_rate(n))   # the best of before and after: the floor is a best case
+    # the best of before, every round and after: the floor is a best case
+    rate = max(*rates, gemm_rate(n))
     floor_s = flop_floor(w, adapters, support, query) / rate
     print(f"fp32 mm {n}x{n}: {rate / 1e9:.1f} GFLOP/s; FLOP floor {floor_s:.3f} s")
     want = results["naive-peft"]["grad"] if "naive-peft" in results else None

@@ -94,6 +94,10 @@ struct Mask {
   int64_t offset = 0;       // causal: key j <= i + offset (Lk - Lq, bottom-right aligned as
                             // flash; the callers only pass Lq == Lk)
   const bool* row(int64_t b, int64_t i) const { return p + b * sb + i * Lk; }
+  // Query i's keys [0, n) may be kept (an explicit mask may still drop some); the rest are not.
+  int64_t keys(int64_t i) const {
+    return p == nullptr && causal ? std::clamp<int64_t>(i + offset + 1, 0, Lk) : Lk;
+  }
 };
 
 // Softmax of the masked score rows in place (S [Lq, Lk], row stride Lk); writes lse. Returns
@@ -103,14 +107,12 @@ MK_TARGET_CLONES void masked_softmax_rows(float* S, float* lse, int64_t Lq, int6
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < Lq; ++i) {
     float* s = S + i * Lk;
-    int64_t n = Lk;                      // keys [0, n) may be kept; the rest are masked
+    const int64_t n = mask.keys(i);
     if (mask.p != nullptr) {
       const bool* keep = mask.row(b, i);
       for (int64_t j = 0; j < Lk; ++j) s[j] = keep[j] ? s[j] : kNegInf;
-    } else if (mask.causal) {
-      n = std::clamp<int64_t>(i + mask.offset + 1, 0, Lk);
-      for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
     }
+    for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
     float m = kNegInf;
     for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
     if (m == kNegInf) {                   // nothing to attend to
@@ -142,8 +144,7 @@ MK_TARGET_CLONES void recompute_probs(float* S, const float* lse, int64_t Lq, in
       std::fill(s, s + Lk, 0.0f);
       continue;
     }
-    int64_t n = Lk;
-    if (mask.p == nullptr && mask.causal) n = std::clamp<int64_t>(i + mask.offset + 1, 0, Lk);
+    const int64_t n = mask.keys(i);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(std::min(s[j] - l, 0.0f));
     for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;

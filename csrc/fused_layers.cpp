@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -179,6 +180,16 @@ MK_TARGET_CLONES void rms_norm_bwd_rows(const float* dy, const float* x, const f
 
 constexpr int64_t kMinElementsPerTask = 1 << 14;
 
+// x float32 [..., D], weight float32 [D]: returns (D, rows).
+std::pair<int64_t, int64_t> check_rms_norm_input(const char* kOp, const at::Tensor& x,
+                                                 const at::Tensor& weight) {
+  MK_CHECK_CPU_FLOAT(x);
+  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
+  const int64_t D = x.size(-1);
+  MK_CHECK_CPU_FLOAT_SHAPE(weight, "[D] with D == x.size(-1)", D);
+  return {D, x.numel() / std::max<int64_t>(D, 1)};
+}
+
 }  // namespace
 
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
@@ -242,10 +253,7 @@ at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Ten
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                 double eps) {
   constexpr const char* kOp = "rms_norm_fwd";
-  MK_CHECK_CPU_FLOAT(x);
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
-  const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
-  MK_CHECK_CPU_FLOAT_SHAPE(weight, "[D] with D == x.size(-1)", D);
+  const auto [D, N] = check_rms_norm_input(kOp, x, weight);
   TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
   const at::Tensor xc = x.contiguous(), w = weight.contiguous();
   at::Tensor y = at::empty_like(xc);
@@ -266,11 +274,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
 at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& rstd, bool x_is_output) {
   constexpr const char* kOp = "rms_norm_bwd";
-  MK_CHECK_CPU_FLOAT(x);
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., D], got ", describe(x));
+  const auto [D, N] = check_rms_norm_input(kOp, x, weight);
   MK_CHECK_CPU_FLOAT_SHAPE(dy, "x's shape", x.sizes().vec());
-  const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
-  MK_CHECK_CPU_FLOAT_SHAPE(weight, "[D] with D == x.size(-1)", D);
   MK_CHECK_CPU_FLOAT(rstd);
   TORCH_CHECK(rstd.numel() == N, kOp, ": rstd must hold one value per row of x (", N,
               "), got ", describe(rstd));

@@ -1,8 +1,9 @@
-// Multi-task LoRA linear on the CPU: the GEMMs are ATen's (MKL/oneDNN); this file arranges them
-// so that nothing is zero-filled or copied that does not have to be.
+// Multi-task LoRA linear on the CPU: the GEMMs are ATen's and, for the frozen base with onednn,
+// oneDNN's (gemm.h); this file arranges them so that nothing is zero-filled or copied that does
+// not have to be.
 //
-// Forward:  the base GEMM writes straight into y (addmm_out with b), the LoRA expand is
-//           accumulated into y with beta = 1, alpha = scale.
+// Forward:  the base GEMM makes y (with b), the LoRA expand is accumulated into y with beta = 1,
+//           alpha = scale.
 // Backward: dA[t], dB[t] are accumulated in place (beta = 1) through the caller's views, the
 //           LoRA part of dx is accumulated onto the base part dy @ W.
 // When every task has the same number of rows (> 0) each product is one batched GEMM; ragged
@@ -11,6 +12,7 @@
 // term is accumulated in an fp32 buffer with the base term added last, so y and dx are rounded
 // to x's dtype once.
 #include "checks.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace metakernels {
@@ -119,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
                                                          const std::optional<at::Tensor>& W_opt,
                                                          const std::optional<at::Tensor>& b_opt,
                                                          const at::Tensor& A, const at::Tensor& B,
-                                                         const at::Tensor& offsets, double scale) {
+                                                         const at::Tensor& offsets, double scale,
+                                                         bool onednn) {
   constexpr const char* kOp = "multi_lora_linear_fwd";
   const LoraDims d = check_lora_inputs(kOp, x, W_opt, A, B);
   const bool has_bias = b_opt.has_value() && b_opt->defined();
@@ -135,15 +138,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
   const bool same_dtype = x.scalar_type() == A.scalar_type();
   const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   at::Tensor xa = at::empty({d.N, d.r}, A.options());
-  at::Tensor y = at::empty({d.N, d.out}, x.options());
-  if (d.has_base) {
-    const at::Tensor Wt = W_opt->t();
-    if (has_bias) {
-      at::addmm_out(y, *b_opt, x, Wt);
-    } else {
-      at::mm_out(y, x, Wt);
-    }
-  }
+  at::Tensor y = d.has_base ? linear_nt(x, *W_opt, b_opt, onednn)
+                            : at::empty({d.N, d.out}, x.options());
   if (same_dtype) {
     lora_forward(seg, d, xf, A, B, scale, xa, y, d.has_base ? 1.0 : 0.0);
   } else {
@@ -159,7 +155,7 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
                                  const std::optional<at::Tensor>& W_opt, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& xa,
                                  const at::Tensor& offsets, double scale, at::Tensor& dA,
-                                 at::Tensor& dB, bool need_dx) {
+                                 at::Tensor& dB, bool need_dx, bool onednn) {
   constexpr const char* kOp = "multi_lora_linear_bwd";
   const LoraDims d = check_lora_inputs(kOp, x, W_opt, A, B);
   MK_CHECK_DEFINED(dy);
@@ -187,8 +183,8 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
     lora_backward(seg, d, dyf, xf, A, B, xa, scale, dA, dB, nullptr, 0.0);
     return at::empty({0}, x.options());
   }
-  at::Tensor dx = at::empty({d.N, d.in}, x.options());
-  if (d.has_base) at::mm_out(dx, dy, *W_opt);
+  at::Tensor dx = d.has_base ? linear_nt(dy, W_opt->t(), std::nullopt, onednn)
+                             : at::empty({d.N, d.in}, x.options());
   if (same_dtype) {
     lora_backward(seg, d, dyf, xf, A, B, xa, scale, dA, dB, &dx, d.has_base ? 1.0 : 0.0);
   } else {

@@ -16,11 +16,13 @@ namespace metakernels {
 //   y[s[t]:s[t+1]] += scale * xa[s[t]:s[t+1]] @ B[t]
 // x [N, in] fp32/bf16/fp16, W [out, in] (any strides, dtype of x), b [out], A [T, in, r],
 // B [T, r, out], offsets int32 [T + 1]. Returns (y [N, out] dtype of x, xa [N, r] dtype of A).
+// onednn: the base GEMM (and the backward's dy @ W) through oneDNN for fp32 (gemm.h).
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
                                                          const std::optional<at::Tensor>& W,
                                                          const std::optional<at::Tensor>& b,
                                                          const at::Tensor& A, const at::Tensor& B,
-                                                         const at::Tensor& offsets, double scale);
+                                                         const at::Tensor& offsets, double scale,
+                                                         bool onednn);
 
 // Semantics (g_t = dy_t @ B[t].T, rows t = s[t]:s[t+1]):
 //   dA[t] += scale * x_t.T @ g_t                       (in place, through the view)
@@ -31,7 +33,7 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
                                  const std::optional<at::Tensor>& W, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& xa,
                                  const at::Tensor& offsets, double scale, at::Tensor& dA,
-                                 at::Tensor& dB, bool need_dx);
+                                 at::Tensor& dB, bool need_dx, bool onednn);
 
 // Per task t (g = grad[t]): norm = ||g||; a non-finite norm skips the task (nothing written);
 // g *= min(1, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0;
@@ -60,12 +62,12 @@ at::Tensor meta_reduce(const at::Tensor& x, const at::Tensor& weights, const at:
 //           (0 for a task without targets);
 // dh = d(sum_t loss[t]) / dh, computed chunk_size rows at a time (never [N, V] logits).
 // h [N, d] fp32/bf16/fp16, W [V, d] dtype of h, labels int64 [N], offsets int32 [T + 1].
-// Returns (loss [T] fp32, dh [N, d] dtype of h).
+// Returns (loss [T] fp32, dh [N, d] dtype of h). onednn: both GEMMs through oneDNN for fp32.
 std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h,
                                                              const at::Tensor& W,
                                                              const at::Tensor& labels,
                                                              const at::Tensor& offsets,
-                                                             int64_t chunk_size);
+                                                             int64_t chunk_size, bool onednn);
 
 // Hugging Face's rotary map of q and k (q * cos + rotate_half(q) * sin, rounded as those separate
 // ops round) in one pass each. q, k float32 [B, H, L, D] (unit last stride), cos/sin float32

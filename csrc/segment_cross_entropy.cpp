@@ -2,15 +2,17 @@
 // chunk: the logits of at most chunk_size rows exist at any time, never the [N, V] matrix.
 //
 // For every chunk of rows:
-//   logits = h_chunk @ W.T                    (ATen GEMM, in h's dtype, like the reference)
+//   logits = h_chunk @ W.T                    (in h's dtype, like the reference; ATen's GEMM, or
+//                                              oneDNN's for fp32 with onednn: gemm.h)
 //   one fused OpenMP loop over the rows, in place in the fp32 chunk buffer:
 //     lse = logsumexp(logits_i); ce_i = lse - logits_i[label_i]
 //     dlogits_i = (softmax(logits_i) - onehot(label_i)) / count[task(i)]   (0 if ignored)
-//   dh_chunk = dlogits @ W                     (ATen GEMM, written straight into dh)
+//   dh_chunk = dlogits @ W                     (ATen's GEMM written straight into dh, or oneDNN's)
 // The per-row losses are added per task in row order afterwards (deterministic).
 // For bf16/fp16 h the logits are rounded to h's dtype before the softmax and dlogits before the
 // second GEMM, which is what autograd does to the reference (h @ W.T).float().
 #include "checks.h"
+#include "gemm.h"
 #include "ops.h"
 #include "vec_math.h"
 
@@ -69,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
                                                              const at::Tensor& W,
                                                              const at::Tensor& labels,
                                                              const at::Tensor& offsets,
-                                                             int64_t chunk_size) {
+                                                             int64_t chunk_size, bool onednn) {
   constexpr const char* kOp = "segment_cross_entropy_fwd";
   MK_CHECK_DEFINED(h);
   MK_CHECK_CPU(h);
@@ -105,35 +107,50 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
     for (int64_t i = seg.start(t); i < seg.start(t) + seg.size(t); ++i) row_inv_count[i] = ic;
   }
 
-  at::Tensor dh = at::empty({N, d}, h.options());
-  std::vector<double> task_sum(T, 0.0);
   const int64_t C = std::min(chunk_size, N);
+  const bool low_precision = h.scalar_type() != at::kFloat;
+  // oneDNN's matmul returns new tensors: each chunk's logits and dh rows are its outputs (dh's
+  // rows copied in, unless one chunk covers them all) instead of preallocated buffers.
+  onednn = onednn && !low_precision && C > 0 && onednn_gemm_applies(h, W);
+  at::Tensor dh = onednn && C == N ? at::Tensor() : at::empty({N, d}, h.options());
+  std::vector<double> task_sum(T, 0.0);
   if (C > 0) {
-    const bool low_precision = h.scalar_type() != at::kFloat;
-    at::Tensor logits = at::empty({C, V}, h.options().dtype(at::kFloat));
+    at::Tensor logits = onednn ? at::Tensor() : at::empty({C, V}, h.options().dtype(at::kFloat));
     at::Tensor logits_lp = low_precision ? at::empty({C, V}, h.options()) : at::Tensor();
     const at::Tensor Wt = W.t();
     std::vector<float> row_loss(C);
     int64_t t = 0;  // task of the current row
     for (int64_t c0 = 0; c0 < N; c0 += C) {
       const int64_t rows = std::min(C, N - c0);
-      at::Tensor lg = logits.narrow(0, 0, rows);
       const at::Tensor h_c = h.narrow(0, c0, rows);
-      at::Tensor dh_c = dh.narrow(0, c0, rows);
-      if (low_precision) {
+      at::Tensor lg;
+      if (onednn) {
+        lg = linear_nt(h_c, W, std::nullopt, true);
+      } else if (low_precision) {
+        lg = logits.narrow(0, 0, rows);
         at::Tensor lp = logits_lp.narrow(0, 0, rows);
         at::mm_out(lp, h_c, Wt);
         lg.copy_(lp);
       } else {
+        lg = logits.narrow(0, 0, rows);
         at::mm_out(lg, h_c, Wt);
       }
       xent_rows(lg.data_ptr<float>(), rows, V, lab + c0, row_inv_count.data() + c0,
-                        row_loss.data());
-      if (low_precision) {
+                row_loss.data());
+      if (onednn) {
+        at::Tensor dh_c = linear_nt(lg, Wt, std::nullopt, true);
+        if (C == N) {
+          dh = dh_c;
+        } else {
+          dh.narrow(0, c0, rows).copy_(dh_c);
+        }
+      } else if (low_precision) {
         at::Tensor lp = logits_lp.narrow(0, 0, rows);
         lp.copy_(lg);
+        at::Tensor dh_c = dh.narrow(0, c0, rows);
         at::mm_out(dh_c, lp, W);
       } else {
+        at::Tensor dh_c = dh.narrow(0, c0, rows);
         at::mm_out(dh_c, lg, W);
       }
       for (int64_t i = 0; i < rows; ++i) {

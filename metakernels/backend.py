@@ -118,12 +118,17 @@ def resolve(device: torch.device | str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Forces ``name`` inside the block (raises on use if it cannot run)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    _override.append(name)
+def override_scope(stack: list[str], name: str, choices: tuple[str, ...], what: str):
+    """Pushes ``name`` (one of ``choices``) onto an override ``stack`` for the block."""
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {choices}")
+    stack.append(name)
     try:
         yield
     finally:
-        _override.pop()
+        stack.pop()
+
+
+def use_backend(name: str):
+    """Forces ``name`` inside the block (raises on use if it cannot run)."""
+    return override_scope(_override, name, BACKENDS, "backend")

@@ -81,6 +81,7 @@ class TrainerConfig:
     resume: bool = False
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     backend: str = "auto"                  # auto | torch | cpu | triton
+    gemm: str = "auto"                     # auto | onednn | blas (the cpu backend's frozen GEMMs)
     device: str = "cpu"
     max_nonfinite_steps: int = 5
     progress_bar: bool = True
@@ -113,6 +114,7 @@ CHOICES = {
     "meta.lr_schedule": ("cosine", "constant"),
     "meta.task_sampling": ("uniform", "loss"),
     "trainer.backend": ("auto", "torch", "cpu", "triton"),
+    "trainer.gemm": ("auto", "onednn", "blas"),
 }
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 

@@ -45,7 +45,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import backend as _backend
 from .bank import AdapterBank
 from .batch import IGNORE_INDEX, Example, PackedBatch, pack_tasks
 from .checkpoint import load_checkpoint
@@ -98,10 +97,9 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
 
 
 def _build_base(cfg: Config):
-    from .train import build_model, build_tokenizer
+    from .train import build_model, build_tokenizer, set_kernel_choices
 
-    if cfg.trainer.backend != "auto":
-        os.environ[_backend.ENV_VAR] = cfg.trainer.backend
+    set_kernel_choices(cfg)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer))
     m = cfg.model

@@ -38,7 +38,10 @@ training, longer sequences, other backends) runs the library's SDPA.
 ``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
 like: modules named ``*RMSNorm`` with ``variance_epsilon``, MLPs with ``gate_proj``/``up_proj``/
 ``down_proj`` and a SiLU, attentions calling their modeling file's ``apply_rotary_pos_emb``);
-other models are left as they are. The switch is per model instance: other models in the process
+other models are left as they are, but for their ``nn.Linear`` layers: every model's are
+switched to ``metakernels.gemm.frozen_linear``, which under the cpu backend runs a frozen fp32
+weight on oneDNN's GEMM (and keeps only the weight for the backward) and is ``F.linear``
+otherwise. The switch is per model instance: other models in the process
 keep the library's code.
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend
+from .gemm import frozen_linear
 
 
 def _cpu_kernels(*tensors: torch.Tensor) -> bool:
@@ -351,15 +355,37 @@ def _scoped_attention_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
 
 
+def _frozen_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return frozen_linear(x, self.weight, self.bias)
+
+
+def _switch_linear(m: nn.Linear) -> None:
+    m.forward = types.MethodType(_frozen_linear_forward, m)
+
+
+def switch_linears(model: nn.Module) -> int:
+    """Switches only ``model``'s ``nn.Linear`` layers to ``frozen_linear`` (as
+    ``apply_fused_layers`` does among the rest); returns how many. Idempotent."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and not getattr(m, "_metakernels_fused", False):
+            _switch_linear(m)
+            m._metakernels_fused = True
+            n += 1
+    return n
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
 def apply_fused_layers(model: nn.Module) -> dict[str, int]:
     """Switches ``model``'s RMSNorms, SwiGLU MLPs and rotary embeddings (and, through the
-    attentions, SDPA) to the functions above; returns how many modules of each kind were
-    switched. Idempotent."""
-    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0}
+    attentions, SDPA) to the functions above, and its ``nn.Linear`` layers to
+    ``metakernels.gemm.frozen_linear`` (oneDNN's GEMM under the cpu backend while the weight is
+    frozen; ``F.linear`` otherwise); returns how many modules of each kind were switched.
+    Idempotent."""
+    counts = {"rms_norm": 0, "swiglu": 0, "rotary": 0, "linear": 0}
     for m in model.modules():
         if getattr(m, "_metakernels_fused", False):
             continue
@@ -377,6 +403,9 @@ def apply_fused_layers(model: nn.Module) -> dict[str, int]:
             _patch_sdpa_global()
             m.forward = types.MethodType(_scoped_attention_forward, m)
             counts["rotary"] += 1
+        elif type(m) is nn.Linear:
+            _switch_linear(m)
+            counts["linear"] += 1
         else:
             continue
         m._metakernels_fused = True

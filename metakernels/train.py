@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import backend as _backend
+from . import gemm as _gemm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump_config, load_config
 from .lora import inject
@@ -35,6 +36,15 @@ class NonFiniteError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- building blocks
+def set_kernel_choices(cfg: Config) -> None:
+    """``trainer.backend`` and ``trainer.gemm`` for this process (``auto`` leaves the
+    environment's choice, or the automatic one)."""
+    if cfg.trainer.backend != "auto":
+        os.environ[_backend.ENV_VAR] = cfg.trainer.backend
+    if cfg.trainer.gemm != "auto":
+        os.environ[_gemm.ENV_VAR] = cfg.trainer.gemm
+
+
 def build_tokenizer(cfg: Config):
     from .data.tokenizer import load_tokenizer
 
@@ -174,8 +184,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         torch.manual_seed(cfg.trainer.seed)
         random.seed(cfg.trainer.seed)
-        if cfg.trainer.backend != "auto":
-            os.environ[_backend.ENV_VAR] = cfg.trainer.backend
+        set_kernel_choices(cfg)
         self.tokenizer = build_tokenizer(cfg)
         self.tasks = build_tasks(cfg, self.tokenizer)
         if cfg.meta.meta_batch_size > len(self.tasks):

@@ -68,10 +68,11 @@ TORCH_LIBRARY(metakernels, m) {
   m.set_python_module("metakernels.ops._fake");
   m.def(
       "multi_lora_linear_fwd(Tensor x, Tensor? W, Tensor? b, Tensor A, Tensor B, Tensor offsets, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, bool onednn=False) -> (Tensor, Tensor)");
   m.def(
       "multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor? W, Tensor A, Tensor B, Tensor xa, "
-      "Tensor offsets, float scale, Tensor(a!) dA, Tensor(b!) dB, bool need_dx) -> Tensor");
+      "Tensor offsets, float scale, Tensor(a!) dA, Tensor(b!) dB, bool need_dx, "
+      "bool onednn=False) -> Tensor");
   m.def(
       "fused_sgd_(Tensor(a!) fast, Tensor grad, Tensor lr, float max_grad_norm, "
       "float weight_decay) -> (Tensor, Tensor)");
@@ -82,7 +83,7 @@ TORCH_LIBRARY(metakernels, m) {
   m.def("meta_reduce(Tensor x, Tensor weights, Tensor theta, int kind) -> Tensor");
   m.def(
       "segment_cross_entropy_fwd(Tensor h, Tensor W, Tensor labels, Tensor offsets, "
-      "int chunk_size) -> (Tensor, Tensor)");
+      "int chunk_size, bool onednn=False) -> (Tensor, Tensor)");
   m.def("rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("rotary_bwd(Tensor dy, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");

@@ -23,6 +23,8 @@ from metakernels.ops import (AdamState, fused_update_ref, meta_reduce_ref,  # no
 ops = torch.ops.metakernels
 
 LAYOUTS = {"1x7": [7], "7x1": [1] * 7, "3x3": [3, 3, 3], "ragged+empty": [4, 0, 1, 6]}
+# the frozen GEMMs through ATen's mm, and through oneDNN where this PyTorch has it
+ONEDNN = [False] + ([True] if torch.backends.mkldnn.is_available() else [])
 # (rtol, atol relative to the largest reference value) by dtype of x / h
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 8e-3), torch.float16: (2e-3, 1e-3)}
 
@@ -92,12 +94,12 @@ def _outside_views(buf, A, B):
     return torch.cat([buf[:, :3], buf[:, 3 + na:5 + na], buf[:, 5 + na + nb:]], 1)
 
 
-def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None):
+def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None, onednn=False):
     tol_dtype = tol_dtype or x.dtype
     offsets = _offsets(sizes)
     y_ref, xa_ref, dx_ref, dA_ref, dB_ref = _mll_reference(sizes, x, W, b, A, B, dy, scale)
 
-    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, offsets, scale)
+    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, offsets, scale, onednn)
     assert y.dtype == x.dtype and y.shape == y_ref.shape and xa.dtype == A.dtype
     _close(y, y_ref, tol_dtype)
     _close(xa, xa_ref)  # in A's dtype (fp32) from exactly representable inputs
@@ -105,7 +107,7 @@ def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None):
     buf, dA, dB = _grad_buffers(A, B, flat, seed)
     dA0, dB0 = dA.clone(), dB.clone()
     outside0 = _outside_views(buf, A, B).clone() if flat else None
-    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, True)
+    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, True, onednn)
     assert dx.dtype == x.dtype
     _close(dx, dx_ref, tol_dtype)
     _close(dA - dA0, dA_ref)
@@ -115,7 +117,7 @@ def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None):
 
     # need_dx=False: the same accumulation, an empty dx
     dA1, dB1 = dA.clone(), dB.clone()
-    none = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, False)
+    none = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, False, onednn)
     assert none.numel() == 0
     _close(dA - dA1, dA_ref)
     _close(dB - dB1, dB_ref)
@@ -125,38 +127,52 @@ def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None):
 @pytest.mark.parametrize("r", [1, 3, 16, 64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("flat", [False, True], ids=["fresh", "flat-views"])
-def test_multi_lora_linear_fp32(layout_name, r, bias, flat):
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_multi_lora_linear_fp32(layout_name, r, bias, flat, onednn):
     sizes = LAYOUTS[layout_name]
     x, W, b, A, B, dy = _mll_inputs(sizes, 13, 11, r, bias=bias, seed=r)
-    _run_mll(sizes, x, W, b, A, B, dy, 0.7, flat, seed=r)
+    _run_mll(sizes, x, W, b, A, B, dy, 0.7, flat, seed=r, onednn=onednn)
+
+
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_multi_lora_linear_fp32_model_sized(onednn):
+    """Sizes where the GEMM libraries block and vectorise (odd widths past their tiles)."""
+    sizes = [37, 0, 64, 29]
+    x, W, b, A, B, dy = _mll_inputs(sizes, 203, 517, 16, seed=5)
+    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True, onednn=onednn)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
-def test_multi_lora_linear_low_precision_x(dtype, layout_name):
-    """LoRA math in fp32 (xa, dA, dB at fp32 accuracy); y and dx rounded to x's dtype."""
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_multi_lora_linear_low_precision_x(dtype, layout_name, onednn):
+    """LoRA math in fp32 (xa, dA, dB at fp32 accuracy); y and dx rounded to x's dtype (ATen's
+    GEMM with onednn too: oneDNN takes only fp32 there)."""
     sizes = LAYOUTS[layout_name]
     x, W, b, A, B, dy = _mll_inputs(sizes, 24, 19, 8, dtype=dtype)
-    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True)
+    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True, onednn=onednn)
 
 
 @pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
-def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name):
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name, onednn):
     sizes = LAYOUTS[layout_name]
     x, W, b, A, B, dy = _mll_inputs(sizes, 10, 6, 4)
-    _run_mll(sizes, x, None, None, A, B, dy, 0.5, flat=True)
+    _run_mll(sizes, x, None, None, A, B, dy, 0.5, flat=True, onednn=onednn)
     Wt = W.T.contiguous().T  # [out, in] with strides (1, out): a transformers Conv1D weight
     x_wide = torch.cat([x, torch.randn(x.shape[0], 3)], 1)
-    _run_mll(sizes, x_wide[:, :10], Wt, b, A, B, dy, 0.5, flat=False)
+    _run_mll(sizes, x_wide[:, :10], Wt, b, A, B, dy, 0.5, flat=False, onednn=onednn)
 
 
-def test_multi_lora_linear_all_tasks_empty():
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_multi_lora_linear_all_tasks_empty(onednn):
     x, W, b, A, B, dy = _mll_inputs([0, 0], 5, 4, 2)
-    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, _offsets([0, 0]), 1.0)
+    y, xa = ops.multi_lora_linear_fwd(x, W, b, A, B, _offsets([0, 0]), 1.0, onednn)
     assert y.shape == (0, 4) and xa.shape == (0, 2)
     dA, dB = torch.randn(A.shape), torch.randn(B.shape)
     dA0, dB0 = dA.clone(), dB.clone()
-    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, _offsets([0, 0]), 1.0, dA, dB, True)
+    dx = ops.multi_lora_linear_bwd(dy, x, W, A, B, xa, _offsets([0, 0]), 1.0, dA, dB, True,
+                                   onednn)
     assert dx.shape == (0, 5) and torch.equal(dA, dA0) and torch.equal(dB, dB0)
 
 
@@ -246,20 +262,48 @@ def _ce_inputs(sizes, d, V, dtype, seed=0):
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_segment_cross_entropy_fp32(layout_name, chunk):
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_segment_cross_entropy_fp32(layout_name, chunk, onednn):
     sizes = LAYOUTS[layout_name]
     h, W, labels = _ce_inputs(sizes, 19, 37, torch.float32)
     layout = TaskLayout.from_sizes(sizes)
     h64 = h.double().requires_grad_()
     want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
     (dh_want,) = torch.autograd.grad(want.sum(), h64)
-    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk)
-    assert loss.dtype == torch.float32 and dh.dtype == h.dtype
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk,
+                                             onednn)
+    assert loss.dtype == torch.float32 and dh.dtype == h.dtype and dh.shape == h.shape
     _close(loss, want.detach())
     _close(dh, dh_want)
     for t, s, e in layout.segments():
         if (labels[s:e] == -100).all():
             assert loss[t] == 0 and not dh[s:e].any()
+
+
+def _within_fp32_error(got, want64, ref32, factor=4.0):
+    """flash-attention's rule: the kernel errs against the fp64 reference at most ``factor``
+    times as much as the plain-PyTorch fp32 reference does (plus a few ulps of the scale)."""
+    ref_err = (ref32.double() - want64).abs().max().item()
+    err = (got.double() - want64).abs().max().item()
+    assert err <= factor * ref_err + 4 * 2 ** -24 * want64.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.parametrize("chunk", [50, 1000])
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_segment_cross_entropy_fp32_model_sized(chunk, onednn):
+    """A model's widths (sums of hundreds of terms): errors as the fp32 reference's."""
+    sizes = [37, 0, 64, 29]
+    h, W, labels = _ce_inputs(sizes, 203, 1031, torch.float32, seed=4)
+    layout = TaskLayout.from_sizes(sizes)
+    h64, h32 = h.double().requires_grad_(), h.clone().requires_grad_()
+    want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
+    (dh_want,) = torch.autograd.grad(want.sum(), h64)
+    ref = segment_cross_entropy_ref(h32, W, labels, layout)
+    (dh_ref,) = torch.autograd.grad(ref.sum(), h32)
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk,
+                                             onednn)
+    _within_fp32_error(loss, want.detach(), ref.detach())
+    _within_fp32_error(dh, dh_want, dh_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -507,6 +551,11 @@ def _opcheck_cases():
         "fomaml": (ops.meta_reduce, (rg(fast), lr, fast.new_empty(0), 0)),
         "reptile": (ops.meta_reduce, (rg(fast), lr, torch.randn(P), 1)),
         "xent": (ops.segment_cross_entropy_fwd, (rg(h), Wv, labels, off, 2)),
+        "xent_onednn": (ops.segment_cross_entropy_fwd, (rg(h), Wv, labels, off, 3, True)),
+        "mll_fwd_onednn": (ops.multi_lora_linear_fwd, (rg(x), W, b, rg(A), rg(B), off, 0.5, True)),
+        "mll_bwd_onednn": (ops.multi_lora_linear_bwd,
+                           (rg(dy), x, W, A, B, xa, off, 0.5, torch.randn(A.shape),
+                            torch.randn(B.shape), True, True)),
         "rotary_fwd": (ops.rotary_fwd, (rg(_rotary_inputs(2, 3, 5, 6)[0]),
                                         *_rotary_inputs(2, 3, 5, 6)[1:])),
         "rotary_bwd": (ops.rotary_bwd, (rg(_rotary_inputs(2, 3, 5, 6)[0]),

@@ -1,5 +1,6 @@
 """The trainer end to end: config checks, a short default run, export to PEFT, exact resume."""
 import json
+import os
 
 import pytest
 import torch
@@ -29,11 +30,24 @@ def _run(tmp_path, *overrides, name="run"):
     ("data.support_size=0", "data.support_size: must be > 0"),
     ("trainer.resume=maybe", "trainer.resume: expected true or false"),
     ("meta.algorithm=maml2", "meta.algorithm: 'maml2' is not one of"),
+    ("trainer.gemm=mkl", "trainer.gemm: 'mkl' is not one of"),
     ("nosection.x=1", "unknown section"),
 ])
 def test_bad_config_is_rejected_with_the_key(bad, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [bad])
+
+
+def test_kernel_choices_reach_the_environment(monkeypatch):
+    from metakernels import backend, gemm
+    for var in (gemm.ENV_VAR, backend.ENV_VAR):   # recorded, so that teardown restores them
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    train.set_kernel_choices(load_config(None, []))
+    assert gemm.ENV_VAR not in os.environ and backend.ENV_VAR not in os.environ
+    train.set_kernel_choices(load_config(None, ["trainer.gemm=blas", "trainer.backend=torch"]))
+    assert os.environ[gemm.ENV_VAR] == "blas" and gemm.gemm_library() == "blas"
+    assert os.environ[backend.ENV_VAR] == "torch"
 
 
 def test_config_file_and_aliases(tmp_path):

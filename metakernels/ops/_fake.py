@@ -13,7 +13,7 @@ import torch
 
 
 @torch.library.register_fake("metakernels::multi_lora_linear_fwd")
-def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale):
+def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale, onednn=False):
     torch._check(x.dim() == 2 and A.dim() == 3 and B.dim() == 3,
                  lambda: "multi_lora_linear_fwd: x must be [N, in], A [T, in, r], B [T, r, out]")
     N, r, out = x.shape[0], A.shape[2], B.shape[2]
@@ -21,7 +21,7 @@ def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale):
 
 
 @torch.library.register_fake("metakernels::multi_lora_linear_bwd")
-def _multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, need_dx):
+def _multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, need_dx, onednn=False):
     if need_dx:
         return x.new_empty(x.shape)
     return x.new_empty(0)
@@ -49,7 +49,7 @@ def _meta_reduce(x, weights, theta, kind):
 
 
 @torch.library.register_fake("metakernels::segment_cross_entropy_fwd")
-def _segment_cross_entropy_fwd(h, W, labels, offsets, chunk_size):
+def _segment_cross_entropy_fwd(h, W, labels, offsets, chunk_size, onednn=False):
     T = offsets.shape[0] - 1
     return h.new_empty(T, dtype=torch.float32), h.new_empty(h.shape)
 

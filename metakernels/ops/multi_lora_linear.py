@@ -14,7 +14,8 @@ Gradients (``g_t = dy_t @ B[t].T``)::
     dW    = none: the base is frozen
 
 Backends: ``torch`` (the reference, differentiable twice when no gradient buffer is given),
-``cpu`` (``torch.ops.metakernels.multi_lora_linear_fwd/_bwd`` from ``csrc/``) and ``triton``.
+``cpu`` (``torch.ops.metakernels.multi_lora_linear_fwd/_bwd`` from ``csrc/``; the fp32 base GEMMs on
+the library ``metakernels.gemm`` chooses) and ``triton``.
 The LoRA terms are computed in the adapters' dtype (fp32 in the bank) whatever the dtype of x.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from .. import gemm as _gemm
 from ..layout import TaskLayout
 from ._common import FLOAT_DTYPES, check_layout, check_tensor
 
@@ -110,13 +112,16 @@ def _torch_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, nee
 # cpu backend: the C++ kernels
 # ---------------------------------------------------------------------------------------------
 def _cpu_fwd(x, W, b, A, B, layout: TaskLayout, scale: float):
+    onednn = W is not None and _gemm.use_onednn(x, W)
     return torch.ops.metakernels.multi_lora_linear_fwd(
-        x, W, b, A, B, layout.offsets_tensor(x.device), float(scale))
+        x, W, b, A, B, layout.offsets_tensor(x.device), float(scale), onednn)
 
 
 def _cpu_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, need_dx: bool):
+    onednn = need_dx and W is not None and _gemm.use_onednn(dy, W)
     dx = torch.ops.metakernels.multi_lora_linear_bwd(
-        dy, x, W, A, B, xa, layout.offsets_tensor(x.device), float(scale), dA, dB, need_dx)
+        dy, x, W, A, B, xa, layout.offsets_tensor(x.device), float(scale), dA, dB, need_dx,
+        onednn)
     return dx if need_dx else None
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from .. import gemm as _gemm
 from ..batch import IGNORE_INDEX
 from ..layout import TaskLayout
 from ._common import FLOAT_DTYPES, check_layout, check_tensor
@@ -51,7 +52,7 @@ def segment_cross_entropy_ref(h, W, labels, layout: TaskLayout) -> torch.Tensor:
 
 def _cpu_fwd(h, W, labels, layout, chunk_size):
     return torch.ops.metakernels.segment_cross_entropy_fwd(
-        h, W, labels, layout.offsets_tensor(h.device), int(chunk_size))
+        h, W, labels, layout.offsets_tensor(h.device), int(chunk_size), _gemm.use_onednn(h, W))
 
 
 def _impl(name: str):

@@ -97,25 +97,40 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
     return times
 
 
-def gemm_rate(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> float:
-    """Best achieved FLOP/s of a square ``torch.mm`` of size ``n`` on this machine, now: the
-    rate the FLOP floors are divided by."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+def _best_rate(fn, flops: float, min_seconds: float) -> float:
     for _ in range(3):
-        torch.mm(a, b, out=out)
+        fn()
     t0 = time.perf_counter()
-    torch.mm(a, b, out=out)
+    fn()
     one = max(time.perf_counter() - t0, 1e-7)
     iters = max(1, int(min_seconds / 7 / one))
     best = float("inf")
     for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(iters):
-            torch.mm(a, b, out=out)
+            fn()
         best = min(best, (time.perf_counter() - t0) / iters)
-    return 2.0 * n ** 3 / best
+    return flops / best
+
+
+def gemm_rates(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> dict[str, float]:
+    """Best achieved FLOP/s of a square product of size ``n`` on this machine, now, by each GEMM
+    library the cpu backend can use (``metakernels.gemm``): ATen's ``torch.mm`` ("blas") and,
+    for fp32 where PyTorch has it, oneDNN's matmul ("onednn")."""
+    from metakernels.gemm import onednn_available, onednn_linear
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    rates = {"blas": _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n ** 3, min_seconds)}
+    if dtype == torch.float32 and onednn_available():
+        rates["onednn"] = _best_rate(lambda: onednn_linear(a, b), 2.0 * n ** 3, min_seconds)
+    return rates
+
+
+def gemm_rate(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> float:
+    """The best of ``gemm_rates``: the rate the FLOP floors are divided by (a floor is a best
+    case, so it takes the fastest GEMM this machine has, whichever step uses it)."""
+    return max(gemm_rates(n, dtype, min_seconds).values())
 
 
 def append_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:

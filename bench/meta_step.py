@@ -10,10 +10,15 @@ variant starts from the same model weights, the same initial adapters (theta) an
                            memory-saving mode, reported as ``metakernels-<backend>-chunkC``)
     metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms,
                            without the C++ kernels of csrc/fused_layers.cpp and csrc/attention.cpp
+    metakernels-cpu-blas   (only with ``--variant``) the cpu step with ATen's GEMMs (MKL) for the
+                           frozen base instead of oneDNN's (``metakernels.gemm``)
     metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/
                            rotary layers and with the loss from the materialised logits
     naive-peft             ``naive_step``: one task after another on a PEFT LoRA model (the seeds'
                            Meta-LoRA, done right)
+    naive-peft-onednn      (only with ``--variant``) naive-peft with its frozen linear layers on
+                           oneDNN's GEMM, as metakernels-cpu runs them (what the batching alone
+                           gives)
     naive-full             full-parameter FOMAML as in the MAML-SFT seed: per task, clone every
                            weight, K SGD steps on all weights, query gradient, restore
     vmap                   ``torch.func``: ``vmap`` over tasks of (K x ``grad`` + SGD, then the
@@ -39,8 +44,9 @@ FLOP floor (DESIGN.md, "Performance: how to measure"), per token of every forwar
 2P forward + 2P input gradient of the frozen linear weights (P: every linear layer including the
 output layer, not the embedding), plus 6 r (in + out) per adapted layer (LoRA forward, dx and
 dA, dB), plus causal attention 6 L^2 d_attn per sequence and layer (2 forward, 4 backward as
-flash-attention counts them), divided by the best fp32 GEMM rate of a square ``torch.mm`` at the
-model's hidden size, measured in the same run. It is the floor of the LoRA meta-step; naive-full
+flash-attention counts them), divided by the best fp32 GEMM rate of a square product at the
+model's hidden size, measured in the same run, of the faster of the two GEMM libraries the cpu
+backend can use (``torch.mm``, i.e. MKL, and oneDNN: ``metakernels.gemm``). It is the floor of the LoRA meta-step; naive-full
 does more work (weight gradients), and its ratio says so.
 
 Commands::
@@ -73,7 +79,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from pathlib import Path
 
-from common import RESULTS, append_csv, gemm_rate, print_table, quantiles, run_metadata
+from common import RESULTS, append_csv, gemm_rates, print_table, quantiles, run_metadata
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -83,6 +89,7 @@ from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
 from metakernels.bank import AdapterBank  # noqa: E402
 from metakernels import fused as fused_module  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
+from metakernels.gemm import use_gemm  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
@@ -286,8 +293,9 @@ class Metakernels:
     ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp, no csrc/attention.cpp)."""
 
     def __init__(self, w, adapters, support, query, backend_name, plain=False,
-                 layer_kernels=True):
+                 layer_kernels=True, gemm=None):
         self.backend_name, self.plain, self.layer_kernels = backend_name, plain, layer_kernels
+        self.gemm = gemm
         self.model = build_base(w)
         if not plain:
             apply_fused_layers(self.model)
@@ -313,6 +321,8 @@ class Metakernels:
                 stack.enter_context(_patched(fomaml_module, "task_losses", plain_task_losses))
             if not self.layer_kernels:
                 stack.enter_context(_patched(fused_module, "_cpu_kernels", lambda *t: False))
+            if self.gemm is not None:
+                stack.enter_context(use_gemm(self.gemm))
             yield
 
 
@@ -327,14 +337,21 @@ def _patched(module, name: str, value):
 
 
 class NaivePeft:
-    def __init__(self, w, adapters, support, query):
+    """``onednn=True``: its frozen linear layers on oneDNN's GEMM (``metakernels.gemm``), as the
+    metakernels-cpu step runs them."""
+
+    def __init__(self, w, adapters, support, query, onednn=False):
         self.peft = make_peft_model(build_base(w), adapters)
+        self.onednn = onednn
+        if onednn:
+            fused_module.switch_linears(self.peft)
         self.io = PeftAdapterIO(self.peft, adapters.slots)
         self.theta = adapters.theta.detach().clone()
         self.support, self.query, self.cfg = support, query, inner_config(w)
 
     def step(self):
-        r = naive_step(self.peft, self.io, self.theta, self.support, self.query, self.cfg)
+        with backend.use_backend("cpu") if self.onednn else contextlib.nullcontext():
+            r = naive_step(self.peft, self.io, self.theta, self.support, self.query, self.cfg)
         return r.meta_grad, r.meta_loss
 
 
@@ -435,9 +452,11 @@ class Vmap:
 # The benchmark runs on the CPU: the triton backend there is an interpreter for tests only.
 ALL_VARIANTS = ("naive-peft", "metakernels-torch", "metakernels-cpu", "naive-full", "vmap")
 # Run only when asked for (--variant): metakernels without its fused RMSNorm/SwiGLU/rotary
-# layers and with the loss from the materialised logits (what each fusion saves).
+# layers and with the loss from the materialised logits (what each fusion saves); the cpu step
+# with ATen's GEMMs instead of oneDNN's, and naive-peft with oneDNN's (what the GEMM library
+# gives, apart from the batching).
 EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain",
-                  "metakernels-cpu-torchlayers")
+                  "metakernels-cpu-torchlayers", "metakernels-cpu-blas", "naive-peft-onednn")
 
 
 def available_variants() -> list[str]:
@@ -445,6 +464,8 @@ def available_variants() -> list[str]:
 
 
 def backend_of(variant: str) -> str:
+    if variant == "naive-peft-onednn":
+        return "cpu"
     return variant.split("-")[1] if variant.startswith("metakernels-") else "torch"
 
 
@@ -452,7 +473,10 @@ def make_variant(name: str, w: Workload, adapters, support, query):
     if name.startswith("metakernels-"):
         return Metakernels(w, adapters, support, query, backend_of(name),
                            plain=name.endswith("-plain"),
-                           layer_kernels=not name.endswith("-torchlayers"))
+                           layer_kernels=not name.endswith("-torchlayers"),
+                           gemm="blas" if name.endswith("-blas") else None)
+    if name == "naive-peft-onednn":
+        return NaivePeft(w, adapters, support, query, onednn=True)
     cls = {"naive-peft": NaivePeft, "naive-full": NaiveFull, "vmap": Vmap}[name]
     return cls(w, adapters, support, query)
 
@@ -657,8 +681,8 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     adapters = initial_adapters(w)
     support, query = make_data(w, model_config(w).vocab_size)
     n = model_config(w).hidden_size
-    rates = [gemm_rate(n)]
-    probe = lambda: rates.append(gemm_rate(n))   # noqa: E731
+    rates = [gemm_rates(n)]
+    probe = lambda: rates.append(gemm_rates(n))   # noqa: E731
     tokens = tokens_per_step(w, support, query)
     print(f"\n== {w.preset}: {w.describe_model()}, targets {w.targets} r{w.rank}, "
           f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
@@ -682,9 +706,13 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
         del runners
         gc.collect()
     # the best of before, every round and after: the floor is a best case
-    rate = max(*rates, gemm_rate(n))
+    rates.append(gemm_rates(n))
+    best = {lib: max(r[lib] for r in rates) for lib in rates[0]}
+    rate = max(best.values())
     floor_s = flop_floor(w, adapters, support, query) / rate
-    print(f"fp32 mm {n}x{n}: {rate / 1e9:.1f} GFLOP/s; FLOP floor {floor_s:.3f} s")
+    print(f"fp32 GEMM {n}x{n}, best rate: "
+          + ", ".join(f"{lib} {r / 1e9:.1f}" for lib, r in best.items())
+          + f" GFLOP/s; FLOP floor {floor_s:.3f} s")
     want = results["naive-peft"]["grad"] if "naive-peft" in results else None
     base = quantiles(results["naive-peft"]["times"])[0] if "naive-peft" in results else None
     rows = []

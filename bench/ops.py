@@ -3,7 +3,9 @@ run here (Liger-Kernel style: providers x modes, results appended to one CSV).
 
 Providers: ``reference`` (the op's ``*_ref`` function, autograd for the gradients) and one per
 available backend (the public op under ``metakernels.backend.use_backend``, called the way the
-engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-style buffers).
+engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-style buffers);
+``cpu-blas`` is the cpu backend with the frozen weights' GEMMs on ATen's ``mm`` (MKL) instead of
+oneDNN's (``metakernels.gemm``), where oneDNN is the default.
 Modes: ``forward``, ``backward`` (the backward of one retained forward graph) and ``full``
 (forward + backward); ``fused_update`` and ``meta_reduce`` have a forward only. Every provider is
 checked against the reference (outputs and every gradient) at the benchmark shape before it is
@@ -31,6 +33,7 @@ Commands::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from common import RESULTS, append_csv, print_table, quantiles, run_metadata, ti
 import torch  # noqa: E402
 
 from metakernels import TaskLayout, backend  # noqa: E402
+from metakernels.gemm import gemm_library, use_gemm  # noqa: E402
 from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_reduce  # noqa: E402
 from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref  # noqa: E402
 from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref  # noqa: E402
@@ -84,14 +88,20 @@ class Runner:
 
 
 def _dispatch(provider: str, fn):
-    """``fn`` run under the provider's backend (the reference needs no dispatch)."""
+    """``fn`` run under the provider's backend (the reference needs no dispatch); ``cpu-blas``
+    is the cpu backend with ATen's GEMMs for the frozen weights instead of oneDNN's."""
     if provider == "reference":
         return fn
 
     def run(*a, **k):
-        with backend.use_backend(provider):
+        with backend.use_backend(provider_backend(provider)), \
+                use_gemm("blas") if provider == "cpu-blas" else contextlib.nullcontext():
             return fn(*a, **k)
     return run
+
+
+def provider_backend(provider: str) -> str:
+    return "torch" if provider == "reference" else provider.split("-")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +170,7 @@ class SegmentCrossEntropyCase:
 
     def work(self, mode, provider):
         N, d, V = self.sizes
-        if provider == "cpu":   # fused: dh computed in the forward
+        if provider_backend(provider) == "cpu":   # fused: dh computed in the forward
             return {"forward": 4 * N * d * V, "backward": N * d,
                     "full": 4 * N * d * V + N * d}[mode]
         return {"forward": 2 * N * d * V, "backward": 2 * N * d * V, "full": 4 * N * d * V}[mode]
@@ -255,8 +265,12 @@ def cases(op: str, quick: bool) -> list:
 
 def providers() -> list[str]:
     """The reference and every backend that runs here (CPU tensors: the triton backend is a
-    CPU interpreter for tests there, not something to time)."""
-    return ["reference"] + [b for b in ("torch", "cpu") if backend.available(b)]
+    CPU interpreter for tests there, not something to time), and the cpu backend with ATen's
+    GEMMs where its default is oneDNN's."""
+    provs = ["reference"] + [b for b in ("torch", "cpu") if backend.available(b)]
+    if "cpu" in provs and gemm_library() == "onednn":
+        provs.append("cpu-blas")
+    return provs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +306,7 @@ def bench_case(case, provs, args, meta) -> list[dict]:
                 times = time_calls(getattr(r, mode), args.warmup, args.repeats)
             med, p20, p80 = quantiles(times)
             rows.append({**meta, "op": case.op, "config": case.config, "provider": p,
-                         "backend": "torch" if p == "reference" else p, "mode": mode,
+                         "backend": provider_backend(p), "mode": mode,
                          "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
                          "metric": case.metric, "throughput": case.work(mode, p) / med / 1e9})
         ref_med = next(r["median_ms"] for r in rows

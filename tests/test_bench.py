@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from metakernels import backend
+from metakernels.gemm import gemm_library
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -99,6 +100,8 @@ def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
     assert {r["op"] for r in rows} == {"multi_lora_linear", "segment_cross_entropy",
                                        "fused_update", "meta_reduce"}
     providers = {"reference", *BACKENDS}
+    if "cpu" in BACKENDS and gemm_library() == "onednn":
+        providers.add("cpu-blas")
     for op, config in {(r["op"], r["config"]) for r in rows}:
         modes = {r["mode"] for r in rows if (r["op"], r["config"]) == (op, config)}
         want_modes = {"forward"} if op in ("fused_update", "meta_reduce") else {
@@ -128,16 +131,16 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
 def test_meta_step_extra_variants_match_naive_peft(tmp_path):
     """The variants that switch an optimisation off (the fused layers' C++ kernels; the fused
-    layers and loss) compute the same meta-gradient as naive-peft. (Their memory is the median of
-    two fresh processes each.)"""
+    layers and loss; oneDNN's GEMMs) or on (naive-peft on oneDNN's GEMMs) compute the same
+    meta-gradient as naive-peft. (Their memory is the median of two fresh processes each.)"""
     path = tmp_path / "extra.csv"
+    extra = ["metakernels-cpu-blas", "metakernels-cpu-plain", "metakernels-cpu-torchlayers",
+             "naive-peft-onednn"]
     run_script("meta_step.py", "--quick", "--csv", path, "--variant", "naive-peft",
-               "--variant", "metakernels-cpu-torchlayers", "--variant", "metakernels-cpu-plain",
-               "--memory-runs", "2")
+               *[a for v in extra for a in ("--variant", v)], "--memory-runs", "2")
     columns, rows = read_csv(path)
     assert columns == META_STEP_COLUMNS
-    assert sorted(r["variant"] for r in rows) == ["metakernels-cpu-plain",
-                                                  "metakernels-cpu-torchlayers", "naive-peft"]
+    assert sorted(r["variant"] for r in rows) == extra[:3] + ["naive-peft"] + extra[3:]
     for r in rows:
         assert_positive(r, META_STEP_POSITIVE)
         assert float(r["rel_err_vs_naive_peft"]) < 1e-4

@@ -446,7 +446,9 @@ def _attention_want(q, k, v, mask, causal, scale, dout):
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,causal,contiguous", [
     (1, 1, 1, 2, 2, True, False), (2, 4, 2, 7, 6, True, False), (3, 8, 8, 64, 64, True, True),
-    (2, 6, 3, 37, 16, False, False), (1, 2, 1, 130, 8, True, False)])
+    (2, 6, 3, 37, 16, False, False), (1, 2, 1, 130, 8, True, False),
+    # block products with column tails past one and two 16-wide vectors, row tails of 1-3
+    (2, 3, 1, 33, 80, True, False), (1, 2, 2, 51, 40, False, True), (1, 2, 1, 128, 128, True, False)])
 def test_attention_vs_the_math_form(B, H, Hkv, L, D, causal, contiguous):
     q, k, v = _attention_inputs(B, H, Hkv, L, D, contiguous=contiguous)
     scale = 0.7 / D ** 0.5

@@ -4,7 +4,7 @@
 // ATen's flash attention for the CPU splits a sequence of L <= 192 into blocks of 32 queries and
 // makes five passes of small GEMMs per block in its backward. For L of a few hundred at most, one
 // (batch, head) pair's whole score matrix S = scale * Q K^T [Lq, Lk] fits in L2, so this kernel
-// computes it in one GEMM per pair (BLAS sgemm, single-threaded inside a parallel loop over the
+// computes it in one GEMM per pair (small_gemm.h, single-threaded inside a parallel loop over the
 // pairs), applies the mask and the softmax in place, and keeps only the output and the per-row
 // logsumexp (lse) for the backward, which recomputes P = exp(S - lse):
 //
@@ -31,134 +31,13 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "checks.h"
 #include "ops.h"
+#include "small_gemm.h"
 #include "vec_math.h"
-
-// The BLAS that torch itself links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the
-// Fortran sgemm_. Weak: where it is missing, at::mm on the blocks runs instead.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
 
 namespace metakernels {
 namespace {
-
-#if defined(__x86_64__)
-// The same product for the small blocks of this kernel (L, D of a few hundred at most) with
-// AVX-512 FMAs: tiles of 4 rows x 32 columns held in 8 registers, op(B)'s rows loaded as vectors
-// (packed first when tB: its columns are then strided), op(A) broadcast element by element.
-// PyTorch's x86 builds link MKL, whose sgemm runs its AVX2 code on AMD processors; this runs the
-// attention's per-head products at AVX-512 width wherever the CPU has it.
-__attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t M, int64_t N,
-                                                       int64_t K, float alpha, const float* A,
-                                                       int64_t lda, const float* B, int64_t ldb,
-                                                       float beta, float* C, int64_t ldc) {
-  thread_local std::vector<float> packed;
-  const float* Bp = B;
-  int64_t ldbp = ldb;
-  if (tB) {  // op(B)[k, j] = B[j, k]: packed as [K, N]
-    packed.resize(static_cast<size_t>(K * N));
-    for (int64_t j = 0; j < N; ++j) {
-      for (int64_t k = 0; k < K; ++k) packed[k * N + j] = B[j * ldb + k];
-    }
-    Bp = packed.data();
-    ldbp = N;
-  }
-  const int64_t a_row = tA ? 1 : lda, a_col = tA ? lda : 1;  // op(A)[i, k] = A[i a_row + k a_col]
-  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-  for (int64_t i0 = 0; i0 < M; i0 += 4) {
-    const int64_t mr = std::min<int64_t>(4, M - i0);
-    // rows past M repeat the last one (computed, never stored)
-    const float* a0 = A + (i0 + 0) * a_row;
-    const float* a1 = A + (i0 + std::min<int64_t>(1, mr - 1)) * a_row;
-    const float* a2 = A + (i0 + std::min<int64_t>(2, mr - 1)) * a_row;
-    const float* a3 = A + (i0 + std::min<int64_t>(3, mr - 1)) * a_row;
-    for (int64_t j0 = 0; j0 < N; j0 += 32) {
-      const int64_t nr = std::min<int64_t>(32, N - j0);
-      const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-      const __mmask16 m1 =
-          nr >= 32 ? 0xFFFF : nr > 16 ? static_cast<__mmask16>((1u << (nr - 16)) - 1) : 0;
-      __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
-      __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
-      __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
-      __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; ++k) {
-        const float* brow = Bp + k * ldbp + j0;
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, brow);
-        const __m512 b1 = _mm512_maskz_loadu_ps(m1, brow + 16);
-        const int64_t ak = k * a_col;
-        __m512 a = _mm512_set1_ps(a0[ak]);
-        c00 = _mm512_fmadd_ps(a, b0, c00);
-        c01 = _mm512_fmadd_ps(a, b1, c01);
-        a = _mm512_set1_ps(a1[ak]);
-        c10 = _mm512_fmadd_ps(a, b0, c10);
-        c11 = _mm512_fmadd_ps(a, b1, c11);
-        a = _mm512_set1_ps(a2[ak]);
-        c20 = _mm512_fmadd_ps(a, b0, c20);
-        c21 = _mm512_fmadd_ps(a, b1, c21);
-        a = _mm512_set1_ps(a3[ak]);
-        c30 = _mm512_fmadd_ps(a, b0, c30);
-        c31 = _mm512_fmadd_ps(a, b1, c31);
-      }
-      const __m512 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-      for (int64_t r = 0; r < mr; ++r) {
-        float* c = C + (i0 + r) * ldc + j0;
-        __m512 v0 = _mm512_mul_ps(va, acc[r][0]), v1 = _mm512_mul_ps(va, acc[r][1]);
-        if (beta != 0.0f) {  // beta = 0 overwrites C without reading it (it may be garbage)
-          v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, c), v0);
-          v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, c + 16), v1);
-        }
-        _mm512_mask_storeu_ps(c, m0, v0);
-        _mm512_mask_storeu_ps(c + 16, m1, v1);
-      }
-    }
-  }
-}
-
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-#endif
-
-// Row-major C[M, N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (tA/tB), leading dimensions
-// in elements: gemm_rm_avx512 where the CPU has AVX-512, else the BLAS. Row-major C = op(A) op(B)
-// is column-major C^T = op(B)^T op(A)^T: the operands swap, the transpose flags stay.
-void gemm_rm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-#if defined(__x86_64__)
-  if (cpu_has_avx512f()) {
-    gemm_rm_avx512(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    return;
-  }
-#endif
-  if (sgemm_ != nullptr) {
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const char ta = tB ? 'T' : 'N', tb = tA ? 'T' : 'N';
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  auto view = [](const float* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
-    // op(X) is [rows, cols]; X itself is stored [rows, cols] (no transpose) or [cols, rows]
-    at::Tensor x = t ? at::from_blob(const_cast<float*>(p), {cols, rows}, {ld, 1}, at::kFloat).t()
-                     : at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::kFloat);
-    return x;
-  };
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::kFloat);
-  at::Tensor prod = at::mm(view(A, tA, M, K, lda), view(B, tB, K, N, ldb));
-  if (beta == 0.0f) {
-    c.copy_(prod.mul_(alpha));
-  } else {
-    c.mul_(beta).add_(prod, alpha);
-  }
-}
 
 struct AttnDims {
   int64_t B, H, Hkv, Lq, Lk, D, group;

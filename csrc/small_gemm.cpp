@@ -1,0 +1,194 @@
+// gemm_rm (small_gemm.h): an AVX-512 FMA kernel where the CPU has AVX-512, else the BLAS.
+#include "small_gemm.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// The BLAS that torch itself links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the
+// Fortran sgemm_. Weak: where it is missing, at::mm on the blocks runs instead.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace metakernels {
+namespace {
+
+#if defined(__x86_64__)
+// Mask of the first n (0..16) lanes.
+__attribute__((target("avx512f"))) inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Stores rows r < mr of a tile: C[r, :] = alpha acc[r] + beta C[r, :] over the masked lanes.
+__attribute__((target("avx512f"))) inline void store_row(float* c, __m512 acc, __mmask16 m,
+                                                         __m512 va, __m512 vb, bool beta_zero) {
+  __m512 out = _mm512_mul_ps(va, acc);
+  if (!beta_zero) out = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c), out);
+  _mm512_mask_storeu_ps(c, m, out);
+}
+
+// The tiles: op(B)'s rows are vectors (Bp row-major, leading dimension ldbp) and op(A)[i, k] =
+// A[i a_row + k a_col] is broadcast; rows past M repeat the last one (computed, never stored).
+// 4 x 32: 8 accumulators, 2 loads and 4 broadcasts per 8 FMAs.
+__attribute__((target("avx512f"))) void tiles_4x32(int64_t M, int64_t N, int64_t K, float alpha,
+                                                    const float* A, int64_t a_row, int64_t a_col,
+                                                    const float* Bp, int64_t ldbp, float beta,
+                                                    float* C, int64_t ldc) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  const bool bz = beta == 0.0f;
+  for (int64_t i0 = 0; i0 < M; i0 += 4) {
+    const int64_t mr = std::min<int64_t>(4, M - i0);
+    const float* a0 = A + i0 * a_row;
+    const float* a1 = A + (i0 + std::min<int64_t>(1, mr - 1)) * a_row;
+    const float* a2 = A + (i0 + std::min<int64_t>(2, mr - 1)) * a_row;
+    const float* a3 = A + (i0 + std::min<int64_t>(3, mr - 1)) * a_row;
+    for (int64_t j0 = 0; j0 < N; j0 += 32) {
+      const __mmask16 m0 = lanes(N - j0), m1 = lanes(N - j0 - 16);
+      __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+      __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+      __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+      __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* brow = Bp + k * ldbp + j0;
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, brow);
+        const __m512 b1 = _mm512_maskz_loadu_ps(m1, brow + 16);
+        const int64_t ak = k * a_col;
+        __m512 x = _mm512_set1_ps(a0[ak]);
+        c00 = _mm512_fmadd_ps(x, b0, c00);
+        c01 = _mm512_fmadd_ps(x, b1, c01);
+        x = _mm512_set1_ps(a1[ak]);
+        c10 = _mm512_fmadd_ps(x, b0, c10);
+        c11 = _mm512_fmadd_ps(x, b1, c11);
+        x = _mm512_set1_ps(a2[ak]);
+        c20 = _mm512_fmadd_ps(x, b0, c20);
+        c21 = _mm512_fmadd_ps(x, b1, c21);
+        x = _mm512_set1_ps(a3[ak]);
+        c30 = _mm512_fmadd_ps(x, b0, c30);
+        c31 = _mm512_fmadd_ps(x, b1, c31);
+      }
+      float* c = C + i0 * ldc + j0;
+      const __m512 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+      for (int64_t r = 0; r < mr; ++r) {
+        store_row(c + r * ldc, acc[r][0], m0, va, vb, bz);
+        store_row(c + r * ldc + 16, acc[r][1], m1, va, vb, bz);
+      }
+    }
+  }
+}
+
+// 8 x 16, for N <= 16 (the LoRA rank): 8 accumulators, 1 load and 8 broadcasts per 8 FMAs.
+__attribute__((target("avx512f"))) void tiles_8x16(int64_t M, int64_t N, int64_t K, float alpha,
+                                                    const float* A, int64_t a_row, int64_t a_col,
+                                                    const float* Bp, int64_t ldbp, float beta,
+                                                    float* C, int64_t ldc) {
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  const bool bz = beta == 0.0f;
+  const __mmask16 m0 = lanes(N);
+  for (int64_t i0 = 0; i0 < M; i0 += 8) {
+    const int64_t mr = std::min<int64_t>(8, M - i0);
+    const float* a[8];
+    for (int64_t r = 0; r < 8; ++r) a[r] = A + (i0 + std::min<int64_t>(r, mr - 1)) * a_row;
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5],
+                *a6 = a[6], *a7 = a[7];
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps(),
+           c3 = _mm512_setzero_ps(), c4 = _mm512_setzero_ps(), c5 = _mm512_setzero_ps(),
+           c6 = _mm512_setzero_ps(), c7 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 b = _mm512_maskz_loadu_ps(m0, Bp + k * ldbp);
+      const int64_t ak = k * a_col;
+      c0 = _mm512_fmadd_ps(_mm512_set1_ps(a0[ak]), b, c0);
+      c1 = _mm512_fmadd_ps(_mm512_set1_ps(a1[ak]), b, c1);
+      c2 = _mm512_fmadd_ps(_mm512_set1_ps(a2[ak]), b, c2);
+      c3 = _mm512_fmadd_ps(_mm512_set1_ps(a3[ak]), b, c3);
+      c4 = _mm512_fmadd_ps(_mm512_set1_ps(a4[ak]), b, c4);
+      c5 = _mm512_fmadd_ps(_mm512_set1_ps(a5[ak]), b, c5);
+      c6 = _mm512_fmadd_ps(_mm512_set1_ps(a6[ak]), b, c6);
+      c7 = _mm512_fmadd_ps(_mm512_set1_ps(a7[ak]), b, c7);
+    }
+    const __m512 acc[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    for (int64_t r = 0; r < mr; ++r) store_row(C + (i0 + r) * ldc, acc[r], m0, va, vb, bz);
+  }
+}
+
+__attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t M, int64_t N,
+                                                       int64_t K, float alpha, const float* A,
+                                                       int64_t lda, const float* B, int64_t ldb,
+                                                       float beta, float* C, int64_t ldc) {
+  thread_local std::vector<float> packed;
+  const float* Bp = B;
+  int64_t ldbp = ldb;
+  if (tB) {  // op(B)[k, j] = B[j, k]: packed as [K, N] so that its rows are vectors
+    packed.resize(static_cast<size_t>(K * N));
+    for (int64_t j = 0; j < N; ++j) {
+      for (int64_t k = 0; k < K; ++k) packed[k * N + j] = B[j * ldb + k];
+    }
+    Bp = packed.data();
+    ldbp = N;
+  }
+  const int64_t a_row = tA ? 1 : lda, a_col = tA ? lda : 1;
+  if (N <= 16) {  // one vector of columns: more rows per tile instead
+    tiles_8x16(M, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
+  } else {
+    tiles_4x32(M, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
+  }
+}
+#endif
+
+void gemm_rm_blas(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the operands swap, the
+    // transpose flags stay.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char ta = tB ? 'T' : 'N', tb = tA ? 'T' : 'N';
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  auto view = [](const float* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X) is [rows, cols]; X itself is stored [rows, cols] (no transpose) or [cols, rows]
+    at::Tensor x = t ? at::from_blob(const_cast<float*>(p), {cols, rows}, {ld, 1}, at::kFloat).t()
+                     : at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::kFloat);
+    return x;
+  };
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, at::kFloat);
+  at::Tensor prod = at::mm(view(A, tA, M, K, lda), view(B, tB, K, N, ldb));
+  if (beta == 0.0f) {
+    c.copy_(prod.mul_(alpha));
+  } else {
+    c.mul_(beta).add_(prod, alpha);
+  }
+}
+
+}  // namespace
+
+bool small_gemm_avx512() {
+#if defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+void gemm_rm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+#if defined(__x86_64__)
+  if (small_gemm_avx512()) {
+    gemm_rm_avx512(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+#endif
+  gemm_rm_blas(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace metakernels

@@ -84,7 +84,7 @@ __attribute__((target("avx512f"))) void tiles_4x32(int64_t M, int64_t N, int64_t
   }
 }
 
-// 8 x 16, for N <= 16 (the LoRA rank): 8 accumulators, 1 load and 8 broadcasts per 8 FMAs.
+// 8 x 16, for N <= 16 (a few keys, a small head dimension): 8 accumulators, 1 load and 8 broadcasts per 8 FMAs.
 __attribute__((target("avx512f"))) void tiles_8x16(int64_t M, int64_t N, int64_t K, float alpha,
                                                     const float* A, int64_t a_row, int64_t a_col,
                                                     const float* Bp, int64_t ldbp, float beta,

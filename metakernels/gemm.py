@@ -8,9 +8,9 @@ layer that uses it.
 Why: MKL runs its AVX2 code on AMD processors even where they have AVX-512, while oneDNN picks
 its kernels by the instruction sets the CPU reports. On the 2-core AMD EPYC (AVX-512) of the
 README's tables oneDNN's matmul runs the base's [1024, 512] x [512, 1376] products at about
-450 GFLOP/s against MKL's 200 (``python3 bench/ops.py --op multi_lora_linear``: providers
-``cpu`` and ``cpu-blas``). Both compute in fp32 (no
-reduced-precision mode); results differ from each other by rounding (sums in another order).
+450 GFLOP/s against MKL's 200 (``python3 bench/ops.py --op multi_lora_linear`` compares the
+providers ``cpu`` and ``cpu-blas``). Both compute in fp32 (no reduced-precision mode); their
+results differ by rounding (sums in another order).
 
 The choice applies to float32 CPU tensors under the cpu backend (``metakernels.backend``): the
 base GEMMs of ``multi_lora_linear``, the output layer in ``segment_cross_entropy`` and the frozen

@@ -46,8 +46,8 @@ output layer, not the embedding), plus 6 r (in + out) per adapted layer (LoRA fo
 dA, dB), plus causal attention 6 L^2 d_attn per sequence and layer (2 forward, 4 backward as
 flash-attention counts them), divided by the best fp32 GEMM rate of a square product at the
 model's hidden size, measured in the same run, of the faster of the two GEMM libraries the cpu
-backend can use (``torch.mm``, i.e. MKL, and oneDNN: ``metakernels.gemm``). It is the floor of the LoRA meta-step; naive-full
-does more work (weight gradients), and its ratio says so.
+backend can use (``torch.mm``, i.e. MKL, and oneDNN: ``metakernels.gemm``). It is the floor of
+the LoRA meta-step; naive-full does more work (weight gradients), and its ratio says so.
 
 Commands::
 

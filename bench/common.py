@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: run metadata, timing statistics, the machine's GEMM rate,
+"""What the benchmark scripts share: run metadata, timing statistics, the machine's GEMM rates,
 CSV output and a plain-text table."""
 from __future__ import annotations
 
@@ -125,12 +125,6 @@ def gemm_rates(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> dict[st
     if dtype == torch.float32 and onednn_available():
         rates["onednn"] = _best_rate(lambda: onednn_linear(a, b), 2.0 * n ** 3, min_seconds)
     return rates
-
-
-def gemm_rate(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> float:
-    """The best of ``gemm_rates``: the rate the FLOP floors are divided by (a floor is a best
-    case, so it takes the fastest GEMM this machine has, whichever step uses it)."""
-    return max(gemm_rates(n, dtype, min_seconds).values())
 
 
 def append_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:

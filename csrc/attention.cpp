@@ -2,15 +2,20 @@
 // backward, on the CPU.
 //
 // ATen's flash attention for the CPU splits a sequence of L <= 192 into blocks of 32 queries and
-// makes five passes of small GEMMs per block in its backward. For L of a few hundred at most, one
-// (batch, head) pair's whole score matrix S = scale * Q K^T [Lq, Lk] fits in L2, so this kernel
-// computes it in one GEMM per pair (small_gemm.h, single-threaded inside a parallel loop over the
-// pairs), applies the mask and the softmax in place, and keeps only the output and the per-row
-// logsumexp (lse) for the backward, which recomputes P = exp(S - lse):
+// makes five passes of small GEMMs per block in its backward. For L of a few hundred at most, a
+// block of kRowBlock query rows' scores S = scale * Q K^T [rows, Lk] fits in L1/L2, so this kernel
+// computes them in one product per block (small_gemm.h, single-threaded inside a parallel loop over
+// the (batch, head) pairs), applies the mask and the softmax in place, and keeps only the output
+// and the per-row logsumexp (lse) for the backward, which recomputes P = exp(S - lse):
 //
 //   forward:  S = scale Q K^T, masked; P = softmax(S); O = P V
 //   backward: dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)); dQ = scale dS K;
 //             dK = scale dS^T Q
+//
+// Under the causal mask a block of rows needs only the keys up to its last row: the products
+// skip the rest (at L = 128 and 32-row blocks, 5/8 of the full products' work). K (and V in
+// the backward) are transposed once per head, so that every block's product reads rows of
+// vectors.
 //
 // The pairs of one key/value head (grouped-query attention: H / Hkv query heads share it) run in
 // one task, so that dK and dV are accumulated without races. A query row with no key to attend to
@@ -67,24 +72,31 @@ struct Mask {
   }
 };
 
-// Softmax of the masked score rows in place (S [Lq, Lk], row stride Lk); writes lse. Returns
-// nothing; fully masked rows become zeros with lse = +inf.
-MK_TARGET_CLONES void masked_softmax_rows(float* S, float* lse, int64_t Lq, int64_t Lk,
-                                          const Mask& mask, int64_t b) {
+// Query rows per block of the products (32 ran faster than 8, 16 and whole sequences at L = 64
+// and 128, D = 64).
+constexpr int64_t kRowBlock = 32;
+
+// Softmax of the masked score rows i0 .. i0 + rows of a block in place (S [rows, width], row
+// stride ld; columns past `width` are not touched, the mask drops them all); writes lse. Fully
+// masked rows become zeros with lse = +inf.
+MK_TARGET_CLONES void masked_softmax_rows(float* S, int64_t ld, float* lse, int64_t i0,
+                                          int64_t rows, int64_t width, const Mask& mask,
+                                          int64_t b) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < Lq; ++i) {
-    float* s = S + i * Lk;
-    const int64_t n = mask.keys(i);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* s = S + r * ld;
+    const int64_t n = std::min(mask.keys(i), width);
     if (mask.p != nullptr) {
       const bool* keep = mask.row(b, i);
-      for (int64_t j = 0; j < Lk; ++j) s[j] = keep[j] ? s[j] : kNegInf;
+      for (int64_t j = 0; j < width; ++j) s[j] = keep[j] ? s[j] : kNegInf;
     }
-    for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
+    for (int64_t j = n; j < width; ++j) s[j] = 0.0f;
     float m = kNegInf;
     for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
     if (m == kNegInf) {                   // nothing to attend to
-      for (int64_t j = 0; j < Lk; ++j) s[j] = 0.0f;
-      lse[i] = std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < width; ++j) s[j] = 0.0f;
+      lse[r] = std::numeric_limits<float>::infinity();
       continue;
     }
     float sum = 0.0f;
@@ -97,40 +109,51 @@ MK_TARGET_CLONES void masked_softmax_rows(float* S, float* lse, int64_t Lq, int6
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-    lse[i] = m + std::log(sum);
+    lse[r] = m + std::log(sum);
   }
 }
 
-// P = exp(S - lse) in place over the rows (the forward's softmax, recomputed), masked entries 0.
-MK_TARGET_CLONES void recompute_probs(float* S, const float* lse, int64_t Lq, int64_t Lk,
-                                      const Mask& mask, int64_t b) {
-  for (int64_t i = 0; i < Lq; ++i) {
-    float* s = S + i * Lk;
-    const float l = lse[i];
+// P = exp(S - lse) in place over a block's rows (the forward's softmax, recomputed), masked
+// entries 0; the layout as masked_softmax_rows'.
+MK_TARGET_CLONES void recompute_probs(float* S, int64_t ld, const float* lse, int64_t i0,
+                                      int64_t rows, int64_t width, const Mask& mask, int64_t b) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* s = S + r * ld;
+    const float l = lse[r];
     if (std::isinf(l)) {
-      std::fill(s, s + Lk, 0.0f);
+      std::fill(s, s + width, 0.0f);
       continue;
     }
-    const int64_t n = mask.keys(i);
+    const int64_t n = std::min(mask.keys(i), width);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(std::min(s[j] - l, 0.0f));
-    for (int64_t j = n; j < Lk; ++j) s[j] = 0.0f;
+    for (int64_t j = n; j < width; ++j) s[j] = 0.0f;
     if (mask.p != nullptr) {
       const bool* keep = mask.row(b, i);
-      for (int64_t j = 0; j < Lk; ++j) s[j] = keep[j] ? s[j] : 0.0f;
+      for (int64_t j = 0; j < width; ++j) s[j] = keep[j] ? s[j] : 0.0f;
     }
   }
 }
 
-// dS = P * (dP - delta_i) in place in dP, delta_i = rowsum(dO * O) (given per row).
-MK_TARGET_CLONES void softmax_bwd_rows(const float* P, float* dP, const float* delta, int64_t Lq,
-                                       int64_t Lk) {
-  for (int64_t i = 0; i < Lq; ++i) {
-    const float* p = P + i * Lk;
-    float* d = dP + i * Lk;
-    const float di = delta[i];
+// dS = P * (dP - delta_i) in place in dP, delta_i = rowsum(dO * O) (given per row); both
+// [rows, width] with row stride ld.
+MK_TARGET_CLONES void softmax_bwd_rows(const float* P, float* dP, const float* delta, int64_t rows,
+                                       int64_t width, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = P + r * ld;
+    float* d = dP + r * ld;
+    const float di = delta[r];
 #pragma omp simd
-    for (int64_t j = 0; j < Lk; ++j) d[j] = p[j] * (d[j] - di);
+    for (int64_t j = 0; j < width; ++j) d[j] = p[j] * (d[j] - di);
+  }
+}
+
+// Xt [D, L] (row stride L) = the [L, D] rows of X (row stride sl).
+void transpose_rows(const float* X, int64_t sl, int64_t L, int64_t D, float* Xt) {
+  for (int64_t l = 0; l < L; ++l) {
+    const float* x = X + l * sl;
+    for (int64_t c = 0; c < D; ++c) Xt[c * L + l] = x[c];
   }
 }
 
@@ -202,15 +225,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(d.Lq * d.Lk);
+    std::vector<float> S(kRowBlock * d.Lk), Kt(d.D * d.Lk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
-      gemm_rm(false, true, d.Lq, d.Lk, d.D, sc, Q.at(b, h), Q.sl, K.at(b, hk), K.sl, 0.0f,
-              S.data(), d.Lk);
-      masked_softmax_rows(S.data(), lp + bh * d.Lq, d.Lq, d.Lk, m, b);
+      transpose_rows(K.at(b, hk), K.sl, d.Lk, d.D, Kt.data());
+      const float* q_bh = Q.at(b, h);
       float* o = op + (O.at(b, h) - O.p);
-      gemm_rm(false, false, d.Lq, d.D, d.Lk, 1.0f, S.data(), d.Lk, V.at(b, hk), V.sl, 0.0f, o,
-              O.sl);
+      for (int64_t i0 = 0; i0 < d.Lq; i0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, d.Lq - i0);
+        const int64_t nk = m.keys(i0 + rows - 1);     // the block's last row sees the most keys
+        gemm_rm(false, false, rows, nk, d.D, sc, q_bh + i0 * Q.sl, Q.sl, Kt.data(), d.Lk, 0.0f,
+                S.data(), d.Lk);
+        masked_softmax_rows(S.data(), d.Lk, lp + bh * d.Lq + i0, i0, rows, nk, m, b);
+        gemm_rm(false, false, rows, d.D, nk, 1.0f, S.data(), d.Lk, V.at(b, hk), V.sl, 0.0f,
+                o + i0 * O.sl, O.sl);
+      }
     }
   });
   return {out, lse};
@@ -231,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const Mask m = make_mask(mask, keep, causal, d);
   const at::Tensor lc = lse.contiguous();
   at::Tensor dq = at::empty({d.B, d.Lq, d.H, d.D}, q.options()).transpose(1, 2);
+  if (d.Lq == 0) return {dq, at::zeros_like(k), at::zeros_like(v)};   // no query: no gradient
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   const Strided Q = strided(q), K = strided(k), V = strided(v), dO = strided(dout),
                 O = strided(out), dQ = strided(dq), dK = strided(dk), dV = strided(dv);
@@ -239,32 +269,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   float* dvp = dv.data_ptr<float>();
   const float* lp = lc.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // one task per (batch, kv head): its query heads accumulate into its dK, dV
+  const int64_t last = (d.Lq - 1) / kRowBlock * kRowBlock;   // the last block's first row
+  // one task per (batch, kv head): its query heads accumulate into its dK, dV. The blocks run
+  // last first: the last row sees every key (m.keys(Lq - 1) == Lk), so the first block's
+  // products write all of dK and dV (beta = 0) and the others add to the rows they reach.
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(d.Lq * d.Lk), dP(d.Lq * d.Lk), delta(d.Lq);
+    std::vector<float> P(kRowBlock * d.Lk), dP(kRowBlock * d.Lk), delta(kRowBlock),
+        Kt(d.D * d.Lk), Vt(d.D * d.Lk);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / d.Hkv, hk = bk % d.Hkv;
+      const float* k_bh = K.at(b, hk);
+      transpose_rows(k_bh, K.sl, d.Lk, d.D, Kt.data());
+      transpose_rows(V.at(b, hk), V.sl, d.Lk, d.D, Vt.data());
       float* dk_bh = dkp + (dK.at(b, hk) - dK.p);
       float* dv_bh = dvp + (dV.at(b, hk) - dV.p);
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t h = hk * d.group + g;
-        const float beta = g == 0 ? 0.0f : 1.0f;
-        gemm_rm(false, true, d.Lq, d.Lk, d.D, sc, Q.at(b, h), Q.sl, K.at(b, hk), K.sl, 0.0f,
-                P.data(), d.Lk);
-        recompute_probs(P.data(), lp + (b * d.H + h) * d.Lq, d.Lq, d.Lk, m, b);
-        // dV (+)= P^T dO
-        gemm_rm(true, false, d.Lk, d.D, d.Lq, 1.0f, P.data(), d.Lk, dO.at(b, h), dO.sl, beta,
-                dv_bh, dV.sl);
-        // dP = dO V^T; dS = P * (dP - rowsum(dO * O))
-        gemm_rm(false, true, d.Lq, d.Lk, d.D, 1.0f, dO.at(b, h), dO.sl, V.at(b, hk), V.sl, 0.0f,
-                dP.data(), d.Lk);
-        row_dots(dO.at(b, h), dO.sl, O.at(b, h), O.sl, delta.data(), d.Lq, d.D);
-        softmax_bwd_rows(P.data(), dP.data(), delta.data(), d.Lq, d.Lk);
-        // dQ = scale dS K; dK (+)= scale dS^T Q
-        gemm_rm(false, false, d.Lq, d.D, d.Lk, sc, dP.data(), d.Lk, K.at(b, hk), K.sl, 0.0f,
-                dqp + (dQ.at(b, h) - dQ.p), dQ.sl);
-        gemm_rm(true, false, d.Lk, d.D, d.Lq, sc, dP.data(), d.Lk, Q.at(b, h), Q.sl, beta, dk_bh,
-                dK.sl);
+        const float* q_bh = Q.at(b, h);
+        const float* do_bh = dO.at(b, h);
+        const float* o_bh = O.at(b, h);
+        const float* lse_bh = lp + (b * d.H + h) * d.Lq;
+        float* dq_bh = dqp + (dQ.at(b, h) - dQ.p);
+        for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
+          const int64_t rows = std::min(kRowBlock, d.Lq - i0);
+          const int64_t nk = m.keys(i0 + rows - 1);
+          const float beta = g == 0 && i0 == last ? 0.0f : 1.0f;
+          const float* q_i = q_bh + i0 * Q.sl;
+          const float* do_i = do_bh + i0 * dO.sl;
+          gemm_rm(false, false, rows, nk, d.D, sc, q_i, Q.sl, Kt.data(), d.Lk, 0.0f, P.data(),
+                  d.Lk);
+          recompute_probs(P.data(), d.Lk, lse_bh + i0, i0, rows, nk, m, b);
+          // dV (+)= P^T dO
+          gemm_rm(true, false, nk, d.D, rows, 1.0f, P.data(), d.Lk, do_i, dO.sl, beta, dv_bh,
+                  dV.sl);
+          // dP = dO V^T; dS = P * (dP - rowsum(dO * O))
+          gemm_rm(false, false, rows, nk, d.D, 1.0f, do_i, dO.sl, Vt.data(), d.Lk, 0.0f,
+                  dP.data(), d.Lk);
+          row_dots(do_i, dO.sl, o_bh + i0 * O.sl, O.sl, delta.data(), rows, d.D);
+          softmax_bwd_rows(P.data(), dP.data(), delta.data(), rows, nk, d.Lk);
+          // dQ = scale dS K; dK (+)= scale dS^T Q
+          gemm_rm(false, false, rows, d.D, nk, sc, dP.data(), d.Lk, k_bh, K.sl, 0.0f,
+                  dq_bh + i0 * dQ.sl, dQ.sl);
+          gemm_rm(true, false, nk, d.D, rows, sc, dP.data(), d.Lk, q_i, Q.sl, beta, dk_bh,
+                  dK.sl);
+        }
       }
     }
   });

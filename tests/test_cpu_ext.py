@@ -465,8 +465,9 @@ def test_attention_vs_the_math_form(B, H, Hkv, L, D, causal, contiguous):
         assert a.shape == t.shape
 
 
-def test_attention_with_a_padding_mask_and_fully_masked_rows():
-    B, H, Hkv, L, D = 3, 4, 2, 9, 8
+@pytest.mark.parametrize("L", [9, 70])     # one block of query rows; three, the last of 6 rows
+def test_attention_with_a_padding_mask_and_fully_masked_rows(L):
+    B, H, Hkv, D = 3, 4, 2, 8
     q, k, v = _attention_inputs(B, H, Hkv, L, D, seed=1)
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     pad = torch.ones(B, L, dtype=torch.bool)
@@ -488,6 +489,16 @@ def test_attention_with_a_padding_mask_and_fully_masked_rows():
     # a mask for the whole batch ([1, 1, L, L]) broadcasts
     out1, _ = ops.attention_fwd(q, k, v, causal[None, None], False, 0.3)
     _close(out1, ops.attention_fwd(q, k, v, None, True, 0.3)[0])
+
+
+def test_attention_without_queries_passes_zero_key_gradients():
+    q, k, v = _attention_inputs(2, 4, 2, 5, 6)
+    q0 = q[:, :, :0]
+    out, lse = ops.attention_fwd(q0, k, v, None, False, 0.3)
+    assert out.shape == (2, 4, 0, 6) and lse.shape == (2, 4, 0)
+    dq, dk, dv = ops.attention_bwd(out, q0, k, v, out, lse, None, False, 0.3)
+    assert dq.shape == q0.shape
+    assert torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
 
 
 def test_fused_layer_kernels_reject_bad_input():

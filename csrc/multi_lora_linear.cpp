@@ -6,14 +6,24 @@
 //           alpha = scale.
 // Backward: dA[t], dB[t] are accumulated in place (beta = 1) through the caller's views, the
 //           LoRA part of dx is accumulated onto the base part dy @ W.
-// When every task has the same number of rows (> 0) each product is one batched GEMM; ragged
-// layouts loop over the tasks and skip empty ones.
+// On AVX-512 CPUs with fp32 operands and tasks that share the threads evenly, each thread runs
+// its tasks' LoRA products one task at a time (small_gemm.h; see task_groups). Otherwise, when
+// every task has the same number of rows (> 0) each product is one batched GEMM; ragged layouts
+// loop over the tasks and skip empty ones.
 // The LoRA terms are computed in A's dtype (fp32 in the bank). When x is bf16/fp16 the LoRA
 // term is accumulated in an fp32 buffer with the base term added last, so y and dx are rounded
 // to x's dtype once.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string_view>
+#include <vector>
+
 #include "checks.h"
 #include "gemm.h"
 #include "ops.h"
+#include "small_gemm.h"
 
 namespace metakernels {
 namespace {
@@ -115,6 +125,112 @@ void lora_backward(const Segments& seg, const LoraDims& d, const at::Tensor& dyf
   }
 }
 
+
+// The per-task path: one task's LoRA products back to back on small_gemm's AVX-512 kernel,
+// the tasks in parallel. One task's rows of x, dy and dx (a few hundred KB) stay in the core's
+// L2 across its products, where the batched GEMMs above make one pass over all tasks' rows per
+// product. The tasks are dealt to the threads by rows (largest first, each to the thread with
+// the fewest rows so far); the path is taken when that keeps the busiest thread within 5/4 of
+// an even share (else the batched GEMMs, which split every product, are faster), for fp32
+// operands with unit column strides. METAKERNELS_LORA_PER_TASK=0 turns it off (read per call).
+struct Mat {  // a row-major fp32 matrix: data and row stride
+  float* p;
+  int64_t ld;
+};
+
+Mat mat(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(-2)}; }
+
+// The tasks of each thread, or none when the per-task path does not apply.
+std::vector<std::vector<int64_t>> task_groups(const Segments& seg, const LoraDims& d,
+                                              std::initializer_list<const at::Tensor*> ts) {
+  const char* env = std::getenv("METAKERNELS_LORA_PER_TASK");
+  if (env != nullptr && std::string_view(env) == "0") return {};
+  if (!small_gemm_avx512() || d.N == 0) return {};
+  for (const at::Tensor* t : ts) {
+    if (t->scalar_type() != at::kFloat || t->stride(-1) != 1) return {};
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<int64_t> order(d.T);
+  for (int64_t t = 0; t < d.T; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return seg.size(a) > seg.size(b); });
+  std::vector<std::vector<int64_t>> groups(threads);
+  std::vector<int64_t> rows(threads, 0);
+  for (int64_t t : order) {
+    if (seg.size(t) == 0) break;
+    const int64_t g = std::min_element(rows.begin(), rows.end()) - rows.begin();
+    groups[g].push_back(t);
+    rows[g] += seg.size(t);
+  }
+  const int64_t busiest = *std::max_element(rows.begin(), rows.end());
+  if (4 * busiest * threads > 5 * d.N) return {};
+  return groups;
+}
+
+// Runs fn(t) for every task of the groups, one group per thread.
+template <typename Fn>
+void for_tasks(const std::vector<std::vector<int64_t>>& groups, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t t : groups[g]) fn(t);
+    }
+  });
+}
+
+// Per task t (rows s .. s + n): xa = x A[t]; y (+)= scale xa B[t] (beta 0 or 1).
+void lora_forward_tasks(const std::vector<std::vector<int64_t>>& groups, const Segments& seg,
+                        const LoraDims& d, const at::Tensor& x, const at::Tensor& A,
+                        const at::Tensor& B, double scale, at::Tensor& xa, at::Tensor& y,
+                        float beta) {
+  const Mat X = mat(x), XA = mat(xa), Y = mat(y);
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const float sc = static_cast<float>(scale);
+  for_tasks(groups, [&](int64_t t) {
+    const int64_t s0 = seg.start(t), n = seg.size(t);
+    float* xa_t = XA.p + s0 * XA.ld;
+    gemm_rm(false, false, n, d.r, d.in, 1.0f, X.p + s0 * X.ld, X.ld, Ap + t * sA, ldA, 0.0f,
+            xa_t, XA.ld);
+    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bp + t * sB, ldB, beta,
+            Y.p + s0 * Y.ld, Y.ld);
+  });
+}
+
+// Per task: g = dy B[t]^T; dB[t] += scale xa^T dy; dA[t] += scale x^T g;
+// dx (+)= scale g A[t]^T (beta 0 or 1; when dx is given).
+void lora_backward_tasks(const std::vector<std::vector<int64_t>>& groups, const Segments& seg,
+                         const LoraDims& d, const at::Tensor& dy, const at::Tensor& x,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& xa,
+                         double scale, at::Tensor& dA, at::Tensor& dB, at::Tensor* dx,
+                         float beta) {
+  const Mat DY = mat(dy), X = mat(x), XA = mat(xa);
+  const Mat DX = dx ? mat(*dx) : Mat{nullptr, 0};
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  float* dAp = dA.data_ptr<float>();
+  float* dBp = dB.data_ptr<float>();
+  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const int64_t sdA = dA.stride(0), lddA = dA.stride(1), sdB = dB.stride(0), lddB = dB.stride(1);
+  const float sc = static_cast<float>(scale);
+  for_tasks(groups, [&](int64_t t) {
+    thread_local std::vector<float> g;
+    const int64_t s0 = seg.start(t), n = seg.size(t);
+    g.resize(static_cast<size_t>(n * d.r));
+    const float* dy_t = DY.p + s0 * DY.ld;
+    const float* x_t = X.p + s0 * X.ld;
+    gemm_rm(false, true, n, d.r, d.out, 1.0f, dy_t, DY.ld, Bp + t * sB, ldB, 0.0f, g.data(),
+            d.r);
+    gemm_rm(true, false, d.r, d.out, n, sc, XA.p + s0 * XA.ld, XA.ld, dy_t, DY.ld, 1.0f,
+            dBp + t * sdB, lddB);
+    gemm_rm(true, false, d.in, d.r, n, sc, x_t, X.ld, g.data(), d.r, 1.0f, dAp + t * sdA, lddA);
+    if (DX.p != nullptr) {
+      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Ap + t * sA, ldA, beta,
+              DX.p + s0 * DX.ld, DX.ld);
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
@@ -140,7 +256,11 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
   at::Tensor xa = at::empty({d.N, d.r}, A.options());
   at::Tensor y = d.has_base ? linear_nt(x, *W_opt, b_opt, onednn)
                             : at::empty({d.N, d.out}, x.options());
-  if (same_dtype) {
+  const auto groups = same_dtype ? task_groups(seg, d, {&xf, &A, &B, &y})
+                                 : std::vector<std::vector<int64_t>>();
+  if (!groups.empty()) {
+    lora_forward_tasks(groups, seg, d, xf, A, B, scale, xa, y, d.has_base ? 1.0f : 0.0f);
+  } else if (same_dtype) {
     lora_forward(seg, d, xf, A, B, scale, xa, y, d.has_base ? 1.0 : 0.0);
   } else {
     at::Tensor lora = at::empty({d.N, d.out}, A.options());
@@ -179,13 +299,22 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
   const bool same_dtype = x.scalar_type() == A.scalar_type();
   const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   const at::Tensor dyf = same_dtype ? dy : dy.to(A.scalar_type());
+  const auto groups = same_dtype ? task_groups(seg, d, {&dyf, &xf, &A, &B, &xa, &dA, &dB})
+                                 : std::vector<std::vector<int64_t>>();
   if (!need_dx) {
-    lora_backward(seg, d, dyf, xf, A, B, xa, scale, dA, dB, nullptr, 0.0);
+    if (!groups.empty()) {
+      lora_backward_tasks(groups, seg, d, dyf, xf, A, B, xa, scale, dA, dB, nullptr, 0.0f);
+    } else {
+      lora_backward(seg, d, dyf, xf, A, B, xa, scale, dA, dB, nullptr, 0.0);
+    }
     return at::empty({0}, x.options());
   }
   at::Tensor dx = d.has_base ? linear_nt(dy, W_opt->t(), std::nullopt, onednn)
                              : at::empty({d.N, d.in}, x.options());
-  if (same_dtype) {
+  if (!groups.empty() && dx.stride(-1) == 1) {
+    lora_backward_tasks(groups, seg, d, dyf, xf, A, B, xa, scale, dA, dB, &dx,
+                        d.has_base ? 1.0f : 0.0f);
+  } else if (same_dtype) {
     lora_backward(seg, d, dyf, xf, A, B, xa, scale, dA, dB, &dx, d.has_base ? 1.0 : 0.0);
   } else {
     at::Tensor dx_lora = at::empty({d.N, d.in}, A.options());

@@ -1,6 +1,6 @@
 // Single-threaded fp32 products of small blocks (a few hundred rows and columns at most), for
 // kernels that run many of them inside their own parallel loops (the attention's per-head
-// products).
+// products, the per-task LoRA products of multi_lora_linear).
 //
 // gemm_rm computes the row-major C[M, N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (tA, tB),
 // leading dimensions in elements (unit stride along rows); beta = 0 overwrites C without reading

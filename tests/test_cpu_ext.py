@@ -123,23 +123,39 @@ def _run_mll(sizes, x, W, b, A, B, dy, scale, flat, seed=0, tol_dtype=None, oned
     _close(dB - dB1, dB_ref)
 
 
-@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.fixture(params=["per-task", "batched"])
+def lora_path(request, monkeypatch):
+    """The LoRA products one task at a time where the kernel takes that path (AVX-512, tasks
+    that share the threads evenly), or always as batched GEMMs."""
+    if request.param == "batched":
+        monkeypatch.setenv("METAKERNELS_LORA_PER_TASK", "0")
+    return request.param
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS) + ["lopsided"])
 @pytest.mark.parametrize("r", [1, 3, 16, 64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("flat", [False, True], ids=["fresh", "flat-views"])
 @pytest.mark.parametrize("onednn", ONEDNN)
-def test_multi_lora_linear_fp32(layout_name, r, bias, flat, onednn):
-    sizes = LAYOUTS[layout_name]
+def test_multi_lora_linear_fp32(layout_name, r, bias, flat, onednn, lora_path):
+    # lopsided: one task has most rows, so that two threads take the batched path
+    sizes = LAYOUTS.get(layout_name, [9, 1, 1])
     x, W, b, A, B, dy = _mll_inputs(sizes, 13, 11, r, bias=bias, seed=r)
     _run_mll(sizes, x, W, b, A, B, dy, 0.7, flat, seed=r, onednn=onednn)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("onednn", ONEDNN)
-def test_multi_lora_linear_fp32_model_sized(onednn):
+def test_multi_lora_linear_fp32_model_sized(onednn, lora_path, threads):
     """Sizes where the GEMM libraries block and vectorise (odd widths past their tiles)."""
     sizes = [37, 0, 64, 29]
     x, W, b, A, B, dy = _mll_inputs(sizes, 203, 517, 16, seed=5)
-    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True, onednn=onednn)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True, onednn=onednn)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -155,7 +171,7 @@ def test_multi_lora_linear_low_precision_x(dtype, layout_name, onednn):
 
 @pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
 @pytest.mark.parametrize("onednn", ONEDNN)
-def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name, onednn):
+def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name, onednn, lora_path):
     sizes = LAYOUTS[layout_name]
     x, W, b, A, B, dy = _mll_inputs(sizes, 10, 6, 4)
     _run_mll(sizes, x, None, None, A, B, dy, 0.5, flat=True, onednn=onednn)

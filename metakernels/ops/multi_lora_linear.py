@@ -15,7 +15,9 @@ Gradients (``g_t = dy_t @ B[t].T``)::
 
 Backends: ``torch`` (the reference, differentiable twice when no gradient buffer is given),
 ``cpu`` (``torch.ops.metakernels.multi_lora_linear_fwd/_bwd`` from ``csrc/``; the fp32 base GEMMs on
-the library ``metakernels.gemm`` chooses) and ``triton``.
+the library ``metakernels.gemm`` chooses; on AVX-512 CPUs the fp32 LoRA products one task per thread
+at a time, so that a task's rows stay in cache across them, unless ``METAKERNELS_LORA_PER_TASK=0``)
+and ``triton``.
 The LoRA terms are computed in the adapters' dtype (fp32 in the bank) whatever the dtype of x.
 """
 from __future__ import annotations

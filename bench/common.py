@@ -43,9 +43,9 @@ def git_revision() -> str:
         rev = git("rev-parse", "--short", "HEAD")
         if rev.returncode != 0:
             return "unknown"
-        # The results the benchmarks append to do not make the code dirty.
+        # The results the benchmarks append to, and the docs, do not make the code dirty.
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                    ":(exclude)bench/results").stdout.strip()
+                    ":(exclude)bench/results", ":(exclude)*.md").stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"

@@ -628,13 +628,66 @@ def measure_memory(w: Workload, variants: list[str], runs: int = 1) -> dict[str,
     return out
 
 
-def profile_step(runner, name: str, rows: int = 20) -> None:
+def profile_step(runner, name: str, rows: int = 20) -> dict | None:
+    """Prints the top ops of one step of ``runner``; returns its GEMM replay (``replay_gemms``)."""
     from torch.profiler import ProfilerActivity, profile
     runner.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         runner.step()
     print(f"\nprofile of one {name} meta-step: top ops by self CPU time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return replay_gemms(runner.model, prof.events())
+
+
+ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
+REPLAY_RING = 8     # distinct inputs per input shape: the replay reads its inputs from memory
+
+
+def replay_gemms(model: nn.Module, events, repeats: int = 5) -> dict | None:
+    """The frozen base's oneDNN GEMMs of a profiled step alone, in the step's order, back to
+    back: what the step would take if everything but these GEMMs cost nothing (the practical
+    limit of the step on this machine, against the FLOP floor's square-GEMM rate).
+
+    Each call gets the model's weight of its shape (plain, or transposed for an input gradient),
+    in turn over the layers, and one of ``REPLAY_RING`` random inputs of its shape. None when
+    the step ran no oneDNN GEMM (the torch backend, ``-blas``)."""
+    calls = [tuple(tuple(s) for s in e.input_shapes[:2]) for e in events
+             if e.name == ONEDNN_LINEAR]
+    if not calls:
+        return None
+    weights: dict[tuple, list[torch.Tensor]] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            W = m.weight.detach()
+            weights.setdefault(tuple(W.shape), []).append(W)
+            weights.setdefault(tuple(W.t().shape), []).append(W.t())
+    inputs: dict[tuple, list[torch.Tensor]] = {}
+    plan, used, flops = [], {}, 0
+    for x_shape, w_shape in calls:
+        ws = weights.get(w_shape)
+        if ws is None:
+            raise RuntimeError(f"a oneDNN GEMM of the step has weight shape {w_shape}, which no "
+                               f"linear layer of the model has")
+        ring = inputs.setdefault(x_shape, [])
+        i = used.get(x_shape, 0)
+        used[x_shape] = i + 1
+        if len(ring) < REPLAY_RING:
+            ring.append(torch.randn(x_shape))
+        plan.append((ring[i % len(ring)], ws[i % len(ws)]))
+        flops += 2 * math.prod(x_shape) * w_shape[0]
+    op = torch.ops.mkldnn._linear_pointwise
+
+    def run():
+        for x, W in plan:
+            op(x, W, None, "none", [], "")
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"calls": len(plan), "flops": flops, "median_s": med}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,13 +740,14 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     print(f"\n== {w.preset}: {w.describe_model()}, targets {w.targets} r{w.rank}, "
           f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
           f"L={w.seq_len}, K={w.inner_steps}; {tokens} tokens/step")
+    replays: dict[str, dict | None] = {}
     if args.sequential:
         results = {}
         for name in variants:
             runner = make_variant(name, w, adapters, support, query)
             results.update(time_variants({name: runner}, args.warmup, args.repeats, probe))
             if args.profile and name.startswith("metakernels-"):
-                profile_step(runner, name)
+                replays[name] = profile_step(runner, name)
             del runner
             gc.collect()
     else:
@@ -702,7 +756,7 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
         if args.profile:
             for name, runner in runners.items():
                 if name.startswith("metakernels-"):
-                    profile_step(runner, name)
+                    replays[name] = profile_step(runner, name)
         del runners
         gc.collect()
     # the best of before, every round and after: the floor is a best case
@@ -713,6 +767,16 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     print(f"fp32 GEMM {n}x{n}, best rate: "
           + ", ".join(f"{lib} {r / 1e9:.1f}" for lib, r in best.items())
           + f" GFLOP/s; FLOP floor {floor_s:.3f} s")
+    for name, rep in replays.items():
+        if rep is None:
+            print(f"{name}: no oneDNN GEMM in the step, nothing to replay")
+            continue
+        step = quantiles(results[name]["times"])[0]
+        print(f"{name}: its {rep['calls']} frozen-base GEMMs alone, replayed back to back "
+              f"({rep['flops'] / 1e9:.0f} GFLOP): {rep['median_s']:.3f} s, "
+              f"{rep['flops'] / rep['median_s'] / 1e9:.0f} GFLOP/s, "
+              f"{rep['median_s'] / floor_s:.2f}x the floor; the step's median {step:.3f} s "
+              f"leaves {step - rep['median_s']:.3f} s to the rest")
     want = results["naive-peft"]["grad"] if "naive-peft" in results else None
     base = quantiles(results["naive-peft"]["times"])[0] if "naive-peft" in results else None
     rows = []

@@ -35,7 +35,9 @@ size is compared with naive-peft's again and the relative error is reported.
 Reported per variant: median and p20/p80 of the meta-step time (``time.perf_counter`` around the
 whole step, after warm-up steps; the variants take their timed steps in turns unless
 ``--sequential``), real tokens/s (K x support + query tokens), the time as a
-multiple of naive-peft's and of the FLOP floor, and the peak memory: the peak RSS minus the RSS
+multiple of naive-peft's and of the FLOP floor (and "paired": the median over the rounds of each
+round's step against the floor at the GEMM rate measured right after that round, which a machine
+whose speed drifts between minutes moves less), and the peak memory: the peak RSS minus the RSS
 just before the step, of a fresh process that runs that variant alone
 (``python bench/meta_step.py --variant X --measure-memory ...``; on Linux the peak is ``VmHWM``,
 ``ru_maxrss`` without the parent's RSS that ``ru_maxrss`` inherits across ``exec``).
@@ -698,27 +700,28 @@ COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load
            "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows",
            "seq_len", "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s",
            "p20_s", "p80_s", "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
-           "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
+           "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
 
 TABLE = [("variant", "variant", ""), ("num_tasks", "T", "d"), ("median_s", "median s", ".3f"),
          ("p20_s", "p20", ".3f"), ("p80_s", "p80", ".3f"), ("tokens_per_s", "tok/s", ".0f"),
          ("ratio_naive_peft", "x naive-peft", ".3f"), ("ratio_floor", "x floor", ".2f"),
+         ("ratio_floor_paired", "x floor paired", ".2f"),
          ("peak_rss_mb", "step MB", ".1f"), ("base_rss_mb", "base MB", ".1f"),
          ("rel_err_vs_naive_peft", "rel err", ".1e")]
 
 
 def time_variants(runners: dict, warmup: int, repeats: int,
-                  probe: Callable[[], None] | None = None) -> dict[str, dict]:
+                  probe: Callable[[], dict] | None = None) -> dict[str, dict]:
     """``warmup`` untimed steps of every runner, then ``repeats`` rounds in which every runner
     takes one timed step (``time.perf_counter`` around the whole meta-step) in turn, so that a
     machine whose load drifts slows every variant alike. Returns per runner its times and the
-    last step's meta-gradient and query loss. ``probe`` runs after each round (the GEMM rate
+    last step's meta-gradient and query loss. ``probe`` runs after each round (the GEMM rates
     measured there: the floor's rate then comes from the same minutes as the steps, not from a
-    moment before them)."""
+    moment before them); what it returns is kept per runner and round (``round_rates``)."""
     for runner in runners.values():
         for _ in range(warmup):
             runner.step()
-    res = {name: {"times": []} for name in runners}
+    res = {name: {"times": [], "round_rates": []} for name in runners}
     for _ in range(repeats):
         for name, runner in runners.items():
             t0 = time.perf_counter()
@@ -726,7 +729,9 @@ def time_variants(runners: dict, warmup: int, repeats: int,
             res[name]["times"].append(time.perf_counter() - t0)
             res[name]["grad"], res[name]["loss"] = grad, loss
         if probe is not None:
-            probe()
+            measured = probe()
+            for name in runners:
+                res[name]["round_rates"].append(measured)
     return res
 
 
@@ -735,7 +740,10 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     support, query = make_data(w, model_config(w).vocab_size)
     n = model_config(w).hidden_size
     rates = [gemm_rates(n)]
-    probe = lambda: rates.append(gemm_rates(n))   # noqa: E731
+
+    def probe():
+        rates.append(gemm_rates(n))
+        return rates[-1]
     tokens = tokens_per_step(w, support, query)
     print(f"\n== {w.preset}: {w.describe_model()}, targets {w.targets} r{w.rank}, "
           f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
@@ -763,7 +771,9 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
     rates.append(gemm_rates(n))
     best = {lib: max(r[lib] for r in rates) for lib in rates[0]}
     rate = max(best.values())
-    floor_s = flop_floor(w, adapters, support, query) / rate
+    flops = flop_floor(w, adapters, support, query)
+    floor_s = flops / rate
+
     print(f"fp32 GEMM {n}x{n}, best rate: "
           + ", ".join(f"{lib} {r / 1e9:.1f}" for lib, r in best.items())
           + f" GFLOP/s; FLOP floor {floor_s:.3f} s")
@@ -799,6 +809,9 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
                      "p20_s": p20, "p80_s": p80, "tokens_per_s": tokens / med,
                      "ratio_naive_peft": med / base if base else None,
                      "floor_s": floor_s, "ratio_floor": med / floor_s,
+                     "ratio_floor_paired": statistics.median(
+                         t * max(r.values()) / flops
+                         for t, r in zip(res["times"], res["round_rates"])),
                      "gemm_gflops": rate / 1e9, "rel_err_vs_naive_peft": err})
         print(f"  {name:<18} median {med:.3f} s  (p20 {p20:.3f}, p80 {p80:.3f})"
               + (f"  rel err {err:.1e}" if err is not None and name != "naive-peft" else ""))

@@ -20,12 +20,12 @@ META_STEP_COLUMNS = [
     "timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "malloc", "preset",
     "variant", "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows", "seq_len",
     "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s", "p20_s", "p80_s",
-    "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor", "gemm_gflops", "peak_rss_mb",
-    "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
+    "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor", "ratio_floor_paired",
+    "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
 META_STEP_POSITIVE = ["cores", "threads", "rank", "num_tasks", "query_rows", "seq_len",
                       "inner_steps", "tokens_per_step", "repeats", "median_s", "p20_s", "p80_s",
                       "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
-                      "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs"]
+                      "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs"]
 OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
                "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
                "throughput", "speedup_vs_reference"]

@@ -93,6 +93,7 @@ MK_TARGET_CLONES void masked_softmax_rows(float* S, int64_t ld, float* lse, int6
     }
     for (int64_t j = n; j < width; ++j) s[j] = 0.0f;
     float m = kNegInf;
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
     if (m == kNegInf) {                   // nothing to attend to
       for (int64_t j = 0; j < width; ++j) s[j] = 0.0f;

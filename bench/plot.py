@@ -72,14 +72,17 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
         grp = [r for r in grp if commit(r) == newest]
         grp = latest(grp, lambda r: (r["variant"], int(r["num_tasks"])))
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for variant in sorted({r["variant"] for r in grp}):
+        # tab20: one colour per variant (the default cycle repeats after 10)
+        colors = plt.get_cmap("tab20").colors
+        for i, variant in enumerate(sorted({r["variant"] for r in grp})):
+            style = dict(color=colors[i % len(colors)], label=variant)
             pts = sorted((int(r["num_tasks"]), r) for r in grp if r["variant"] == variant)
             T = [t for t, _ in pts]
-            ax_t.plot(T, [float(r["median_s"]) for _, r in pts], "o-", label=variant)
+            ax_t.plot(T, [float(r["median_s"]) for _, r in pts], "o-", **style)
             mem = [(t, _num(r["peak_rss_mb"])) for t, r in pts]
             mem = [(t, m) for t, m in mem if m is not None]
             if mem:
-                ax_m.plot(*zip(*mem), "o-", label=variant)
+                ax_m.plot(*zip(*mem), "o-", **style)
         for ax, ylabel in ((ax_t, "median time per meta-step (s)"),
                            (ax_m, "peak step memory (MB above pre-step RSS)")):
             ax.set_xscale("log", base=2)

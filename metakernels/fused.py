@@ -30,9 +30,10 @@ kernels; a double backward runs the torch forms, and raises for a norm that kept
 
 Under the cpu backend a switched attention also routes the library's ``"sdpa"`` attention
 function to ``csrc/attention.cpp`` (``torch.ops.metakernels.attention_fwd``/``_bwd``) for fp32
-prefills of at most ``ATTENTION_MAX_LEN`` tokens with a causal or boolean mask: one GEMM per
-(batch, head) for the whole score matrix where ATen's CPU flash attention works in 32-query
-blocks, grouped-query heads without repeating k and v. Everything else (float masks, dropout in
+prefills of at most ``ATTENTION_MAX_LEN`` tokens with a causal or boolean mask: blocks of 32
+query rows against every key they may see (a causal block stops at its last row's key), with
+the softmax, the output and the backward's products of a block done while its scores are in
+cache, grouped-query heads without repeating k and v. Everything else (float masks, dropout in
 training, longer sequences, other backends) runs the library's SDPA.
 
 ``apply_fused_layers(model)`` switches a model's modules to them (Llama, Mistral, Qwen2 and the
@@ -235,7 +236,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Attention (cpu backend, short sequences)
 # ---------------------------------------------------------------------------------------------
-ATTENTION_MAX_LEN = 256   # one (batch, head)'s [L, L] scores stay in L2; longer: the library's SDPA
+ATTENTION_MAX_LEN = 256   # a head's K^T and a block's [32, L] scores stay in L2; longer: SDPA
 
 
 class _AttentionFn(torch.autograd.Function):

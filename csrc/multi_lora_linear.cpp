@@ -125,7 +125,6 @@ void lora_backward(const Segments& seg, const LoraDims& d, const at::Tensor& dyf
   }
 }
 
-
 // The per-task path: one task's LoRA products back to back on small_gemm's AVX-512 kernel,
 // the tasks in parallel. One task's rows of x, dy and dx (a few hundred KB) stay in the core's
 // L2 across its products, where the batched GEMMs above make one pass over all tasks' rows per

@@ -227,9 +227,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kRowBlock * d.Lk), Kt(d.D * d.Lk);
+    int64_t kt_of = -1;   // the (batch, kv head) whose K is in Kt: grouped heads share it
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
-      transpose_rows(K.at(b, hk), K.sl, d.Lk, d.D, Kt.data());
+      if (b * d.Hkv + hk != kt_of) {
+        transpose_rows(K.at(b, hk), K.sl, d.Lk, d.D, Kt.data());
+        kt_of = b * d.Hkv + hk;
+      }
       const float* q_bh = Q.at(b, h);
       float* o = op + (O.at(b, h) - O.p);
       for (int64_t i0 = 0; i0 < d.Lq; i0 += kRowBlock) {

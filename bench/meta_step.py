@@ -91,7 +91,7 @@ from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
 from metakernels.bank import AdapterBank  # noqa: E402
 from metakernels import fused as fused_module  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
-from metakernels.gemm import use_gemm  # noqa: E402
+from metakernels.gemm import onednn_linear, use_gemm  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
@@ -677,11 +677,9 @@ def replay_gemms(model: nn.Module, events, repeats: int = 5) -> dict | None:
             ring.append(torch.randn(x_shape))
         plan.append((ring[i % len(ring)], ws[i % len(ws)]))
         flops += 2 * math.prod(x_shape) * w_shape[0]
-    op = torch.ops.mkldnn._linear_pointwise
-
     def run():
         for x, W in plan:
-            op(x, W, None, "none", [], "")
+            onednn_linear(x, W)
     run()
     times = []
     for _ in range(repeats):
@@ -700,7 +698,8 @@ COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load
            "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows",
            "seq_len", "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s",
            "p20_s", "p80_s", "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
-           "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
+           "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs",
+           "rel_err_vs_naive_peft"]
 
 TABLE = [("variant", "variant", ""), ("num_tasks", "T", "d"), ("median_s", "median s", ".3f"),
          ("p20_s", "p20", ".3f"), ("p80_s", "p80", ".3f"), ("tokens_per_s", "tok/s", ".0f"),

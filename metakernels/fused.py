@@ -77,6 +77,18 @@ def _rsqrt_mean_square(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch
     return xf, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def nonzero_weight(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` has no zero, so that a norm may keep its output instead of its input
+    (``xhat = y / weight``). Cached on the tensor per version: a frozen norm weight is checked
+    once, not at every call."""
+    key = (weight._version, weight.data_ptr())
+    cached = getattr(weight, "_metakernels_nonzero", None)
+    if cached is None or cached[0] != key:
+        cached = (key, bool(torch.all(weight != 0)))
+        weight._metakernels_nonzero = cached
+    return cached[1]
+
+
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's ``LlamaRMSNorm.forward``, except that fp64 inputs are computed in fp64."""
     xf, r = _rsqrt_mean_square(x, eps)
@@ -93,7 +105,7 @@ class _RMSNormFn(torch.autograd.Function):
             # Keep the output, not the input, where the weight allows xhat = y / weight (and is
             # frozen): the next layer (the q/k/v LoRA, the loss) usually keeps y anyway, and x is
             # then freed.
-            ctx.x_is_output = not ctx.needs_input_grad[1] and bool(torch.all(weight != 0))
+            ctx.x_is_output = not ctx.needs_input_grad[1] and nonzero_weight(weight)
             ctx.save_for_backward(y if ctx.x_is_output else x, weight, r)
             return y
         xf, r = _rsqrt_mean_square(x, eps)

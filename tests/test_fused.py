@@ -66,6 +66,20 @@ def test_rms_norm_matches_reference(dtype, shape, frozen, name):
         _close(w.grad, w2.grad, dtype)
 
 
+def test_nonzero_weight_check_follows_in_place_edits():
+    """The cached check of a norm weight is redone when the weight changes in place (a zero
+    written into it, or loaded over it), so a norm never keeps its output for a weight with a
+    zero."""
+    w = _rand(24, seed=1)
+    assert fused.nonzero_weight(w)
+    w[3] = 0.0
+    assert not fused.nonzero_weight(w)
+    with torch.no_grad():
+        w.copy_(_rand(24, seed=3))
+    assert fused.nonzero_weight(w)
+    assert not fused.nonzero_weight(torch.zeros(5))
+
+
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
 def test_rms_norm_keeps_its_output_under_the_cpu_kernels():
     """A frozen weight without zeros: the norm keeps y (and rstd), not x; a zero in the weight or

@@ -56,6 +56,7 @@ Commands::
     python bench/meta_step.py --preset fewshot            # large | zipf | vocab32k
     python bench/meta_step.py --preset fewshot --sweep-tasks
     python bench/meta_step.py --preset fewshot --profile  # + top ops of the metakernels step
+    python bench/meta_step.py --preset fewshot --variant metakernels-cpu --breakdown
     python bench/meta_step.py --quick --csv /tmp/m.csv    # every variant once, tiny sizes
     python bench/meta_step.py --model-path DIR --targets all-linear
 
@@ -641,6 +642,84 @@ def profile_step(runner, name: str, rows: int = 20) -> dict | None:
     return replay_gemms(runner.model, prof.events())
 
 
+# The step's autograd functions by what they compute (module, class), for --breakdown
+BREAKDOWN = [
+    ("frozen-base GEMMs (frozen_linear)", "metakernels.gemm", "_FrozenLinearFn"),
+    ("LoRA projections with their base GEMMs", "metakernels.ops.multi_lora_linear",
+     "_MultiLoraLinearFn"),
+    ("attention kernel", "metakernels.fused", "_AttentionFn"),
+    ("SwiGLU", "metakernels.fused", "_SwiGLUFn"),
+    ("loss (segment_cross_entropy)", "metakernels.ops.segment_cross_entropy",
+     "_SegmentCrossEntropyFn"),
+    ("rotary", "metakernels.fused", "_RotaryFn"),
+    ("RMSNorm", "metakernels.fused", "_RMSNormFn"),
+]
+
+
+@contextlib.contextmanager
+def _timed_functions(totals: dict[str, float]):
+    """Adds the wall time of every forward and backward of the BREAKDOWN functions to
+    ``totals`` (by label) inside the block."""
+    saved = []
+    for label, mod, cls_name in BREAKDOWN:
+        cls = getattr(sys.modules[mod], cls_name)
+        for meth in ("forward", "backward"):
+            f = cls.__dict__[meth]
+            fn = f.__func__ if isinstance(f, staticmethod) else f
+
+            def timed(*a, _fn=fn, _label=label):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a)
+                finally:
+                    totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t0
+            saved.append((cls, meth, f))
+            setattr(cls, meth, staticmethod(timed))
+    try:
+        yield
+    finally:
+        for cls, meth, f in saved:
+            setattr(cls, meth, f)
+
+
+def breakdown_step(runner, name: str, repeats: int) -> dict:
+    """Prints the wall time per step inside each kind of autograd function of ``runner``'s step
+    (``repeats`` steps) and the step on one thread against the current number, alternating
+    (``repeats`` pairs); returns both."""
+    runner.step()
+    totals: dict[str, float] = {}
+    times = []
+    with _timed_functions(totals):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.step()
+            times.append(time.perf_counter() - t0)
+    step = sum(times) / repeats
+    print(f"\n{name}: wall time per step inside its autograd functions (mean of {repeats} steps "
+          f"of {step:.3f} s)")
+    rows = [(label, totals.get(label, 0.0) / repeats) for label, _, _ in BREAKDOWN]
+    rows.append(("everything else", step - sum(t for _, t in rows)))
+    for label, t in rows:
+        print(f"  {label:<42} {1e3 * t:8.1f} ms  {100 * t / step:5.1f}%")
+    n = torch.get_num_threads()
+    scaling = None
+    if n > 1:
+        one, many = [], []
+        for i in range(repeats):
+            for k in ((1, n) if i % 2 == 0 else (n, 1)):
+                torch.set_num_threads(k)
+                t0 = time.perf_counter()
+                runner.step()
+                (one if k == 1 else many).append(time.perf_counter() - t0)
+        torch.set_num_threads(n)
+        t1, tn = statistics.median(one), statistics.median(many)
+        serial = (n * tn - t1) / (n - 1)
+        scaling = {"one_thread_s": t1, "threads": n, "threads_s": tn}
+        print(f"  1 thread {t1:.3f} s, {n} threads {tn:.3f} s (medians of {repeats} alternating "
+              f"pairs, {tn / t1:.3f}x): Amdahl's serial part at most {serial:.3f} s")
+    return {"functions": dict(rows), "step_s": step, "scaling": scaling}
+
+
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 REPLAY_RING = 8     # distinct inputs per input shape: the replay reads its inputs from memory
 
@@ -755,15 +834,18 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
             results.update(time_variants({name: runner}, args.warmup, args.repeats, probe))
             if args.profile and name.startswith("metakernels-"):
                 replays[name] = profile_step(runner, name)
+            if args.breakdown and name.startswith("metakernels-"):
+                breakdown_step(runner, name, args.repeats)
             del runner
             gc.collect()
     else:
         runners = {name: make_variant(name, w, adapters, support, query) for name in variants}
         results = time_variants(runners, args.warmup, args.repeats, probe)
-        if args.profile:
-            for name, runner in runners.items():
-                if name.startswith("metakernels-"):
-                    replays[name] = profile_step(runner, name)
+        for name, runner in runners.items():
+            if args.profile and name.startswith("metakernels-"):
+                replays[name] = profile_step(runner, name)
+            if args.breakdown and name.startswith("metakernels-"):
+                breakdown_step(runner, name, args.repeats)
         del runners
         gc.collect()
     # the best of before, every round and after: the floor is a best case
@@ -843,6 +925,9 @@ def parse_args(argv=None):
     p.add_argument("--csv", type=Path, default=RESULTS / "meta_step.csv")
     p.add_argument("--profile", action="store_true",
                    help="print the top ops by self CPU time of one metakernels step")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print the wall time per step inside each kind of autograd function of "
+                        "the metakernels steps, and their time on one thread against all")
     p.add_argument("--memory-runs", type=int,
                    help="fresh processes per variant whose median peak RSS is reported "
                         "(default 3; 1 with --quick)")

@@ -4,6 +4,7 @@ variant is checked against the per-task PEFT loop before it is timed)."""
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,25 @@ def test_meta_step_extra_variants_match_naive_peft(tmp_path):
         assert_positive(r, META_STEP_POSITIVE)
         assert float(r["rel_err_vs_naive_peft"]) < 1e-4
         assert r["rss_runs"] == "2"
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_meta_step_breakdown_accounts_for_the_step(tmp_path):
+    """--breakdown prints one line per kind of autograd function of the step, each with a time
+    that is not negative, "everything else" included (the functions' times do not add up to
+    more than the step), and the one-thread against two-thread comparison."""
+    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "b.csv", "--variant",
+                   "metakernels-cpu", "--breakdown", "--threads", "2", "--repeats", "2")
+    out = r.stdout
+    assert "wall time per step inside its autograd functions" in out
+    lines = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+(.+?)\s+(-?[\d.]+) ms\s+(-?[\d.]+)%$", line)
+        if m:
+            lines[m.group(1)] = float(m.group(2))
+    assert set(lines) == {"frozen-base GEMMs (frozen_linear)", "LoRA projections with their base "
+                          "GEMMs", "attention kernel", "SwiGLU", "loss (segment_cross_entropy)",
+                          "rotary", "RMSNorm", "everything else"}
+    assert all(v >= 0 for v in lines.values()), lines
+    assert lines["LoRA projections with their base GEMMs"] > 0 and lines["attention kernel"] > 0
+    assert re.search(r"1 thread [\d.]+ s, 2 threads [\d.]+ s .*serial part at most", out)

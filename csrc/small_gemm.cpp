@@ -37,7 +37,35 @@ __attribute__((target("avx512f"))) inline void store_row(float* c, __m512 acc, _
 
 // The tiles: op(B)'s rows are vectors (Bp row-major, leading dimension ldbp) and op(A)[i, k] =
 // A[i a_row + k a_col] is broadcast; rows past M repeat the last one (computed, never stored).
-// 4 x 32: 8 accumulators, 2 loads and 4 broadcasts per 8 FMAs.
+// 4 x 32: 8 accumulators, 2 loads and 4 broadcasts per 8 FMAs. The k loop of a tile of 32 full
+// columns loads without masks (Full); only the last tile of a row block masks its loads.
+template <bool Full>
+__attribute__((target("avx512f"), always_inline)) inline void tile_4x32_k(
+    int64_t K, const float* a0, const float* a1, const float* a2, const float* a3,
+    int64_t a_col, const float* Bp, int64_t ldbp, __mmask16 m0, __mmask16 m1, __m512 (&c)[8]) {
+  __m512 c00 = c[0], c01 = c[1], c10 = c[2], c11 = c[3], c20 = c[4], c21 = c[5], c30 = c[6],
+         c31 = c[7];
+  for (int64_t k = 0; k < K; ++k) {
+    const float* brow = Bp + k * ldbp;
+    const __m512 b0 = Full ? _mm512_loadu_ps(brow) : _mm512_maskz_loadu_ps(m0, brow);
+    const __m512 b1 = Full ? _mm512_loadu_ps(brow + 16) : _mm512_maskz_loadu_ps(m1, brow + 16);
+    const int64_t ak = k * a_col;
+    __m512 x = _mm512_set1_ps(a0[ak]);
+    c00 = _mm512_fmadd_ps(x, b0, c00);
+    c01 = _mm512_fmadd_ps(x, b1, c01);
+    x = _mm512_set1_ps(a1[ak]);
+    c10 = _mm512_fmadd_ps(x, b0, c10);
+    c11 = _mm512_fmadd_ps(x, b1, c11);
+    x = _mm512_set1_ps(a2[ak]);
+    c20 = _mm512_fmadd_ps(x, b0, c20);
+    c21 = _mm512_fmadd_ps(x, b1, c21);
+    x = _mm512_set1_ps(a3[ak]);
+    c30 = _mm512_fmadd_ps(x, b0, c30);
+    c31 = _mm512_fmadd_ps(x, b1, c31);
+  }
+  c[0] = c00, c[1] = c01, c[2] = c10, c[3] = c11, c[4] = c20, c[5] = c21, c[6] = c30, c[7] = c31;
+}
+
 __attribute__((target("avx512f"))) void tiles_4x32(int64_t M, int64_t N, int64_t K, float alpha,
                                                     const float* A, int64_t a_row, int64_t a_col,
                                                     const float* Bp, int64_t ldbp, float beta,
@@ -52,33 +80,17 @@ __attribute__((target("avx512f"))) void tiles_4x32(int64_t M, int64_t N, int64_t
     const float* a3 = A + (i0 + std::min<int64_t>(3, mr - 1)) * a_row;
     for (int64_t j0 = 0; j0 < N; j0 += 32) {
       const __mmask16 m0 = lanes(N - j0), m1 = lanes(N - j0 - 16);
-      __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
-      __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
-      __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
-      __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; ++k) {
-        const float* brow = Bp + k * ldbp + j0;
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, brow);
-        const __m512 b1 = _mm512_maskz_loadu_ps(m1, brow + 16);
-        const int64_t ak = k * a_col;
-        __m512 x = _mm512_set1_ps(a0[ak]);
-        c00 = _mm512_fmadd_ps(x, b0, c00);
-        c01 = _mm512_fmadd_ps(x, b1, c01);
-        x = _mm512_set1_ps(a1[ak]);
-        c10 = _mm512_fmadd_ps(x, b0, c10);
-        c11 = _mm512_fmadd_ps(x, b1, c11);
-        x = _mm512_set1_ps(a2[ak]);
-        c20 = _mm512_fmadd_ps(x, b0, c20);
-        c21 = _mm512_fmadd_ps(x, b1, c21);
-        x = _mm512_set1_ps(a3[ak]);
-        c30 = _mm512_fmadd_ps(x, b0, c30);
-        c31 = _mm512_fmadd_ps(x, b1, c31);
+      __m512 acc[8];
+      for (__m512& v : acc) v = _mm512_setzero_ps();
+      if (N - j0 >= 32) {
+        tile_4x32_k<true>(K, a0, a1, a2, a3, a_col, Bp + j0, ldbp, m0, m1, acc);
+      } else {
+        tile_4x32_k<false>(K, a0, a1, a2, a3, a_col, Bp + j0, ldbp, m0, m1, acc);
       }
       float* c = C + i0 * ldc + j0;
-      const __m512 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
       for (int64_t r = 0; r < mr; ++r) {
-        store_row(c + r * ldc, acc[r][0], m0, va, vb, bz);
-        store_row(c + r * ldc + 16, acc[r][1], m1, va, vb, bz);
+        store_row(c + r * ldc, acc[2 * r], m0, va, vb, bz);
+        store_row(c + r * ldc + 16, acc[2 * r + 1], m1, va, vb, bz);
       }
     }
   }

@@ -152,10 +152,7 @@ MK_TARGET_CLONES void softmax_bwd_rows(const float* P, float* dP, const float* d
 
 // Xt [D, L] (row stride L) = the [L, D] rows of X (row stride sl).
 void transpose_rows(const float* X, int64_t sl, int64_t L, int64_t D, float* Xt) {
-  for (int64_t l = 0; l < L; ++l) {
-    const float* x = X + l * sl;
-    for (int64_t c = 0; c < D; ++c) Xt[c * L + l] = x[c];
-  }
+  transpose_rm(X, sl, L, D, Xt, L);
 }
 
 MK_TARGET_CLONES void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb,

@@ -130,6 +130,49 @@ __attribute__((target("avx512f"))) void tiles_8x16(int64_t M, int64_t N, int64_t
   }
 }
 
+// dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 block: unpacks of row pairs, then 64-bit and
+// 128-bit lane shuffles.
+__attribute__((target("avx512f"))) inline void transpose_16x16(const float* src, int64_t lds,
+                                                               float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+
+__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t lds,
+                                                         int64_t rows, int64_t cols, float* dst,
+                                                         int64_t ldd) {
+  const int64_t r16 = rows / 16 * 16, c16 = cols / 16 * 16;
+  for (int64_t r = 0; r < r16; r += 16) {
+    for (int64_t c = 0; c < c16; c += 16) {
+      transpose_16x16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {   // the edges: columns past c16, then rows past r16
+    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
 __attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t M, int64_t N,
                                                        int64_t K, float alpha, const float* A,
                                                        int64_t lda, const float* B, int64_t ldb,
@@ -139,9 +182,7 @@ __attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t
   int64_t ldbp = ldb;
   if (tB) {  // op(B)[k, j] = B[j, k]: packed as [K, N] so that its rows are vectors
     packed.resize(static_cast<size_t>(K * N));
-    for (int64_t j = 0; j < N; ++j) {
-      for (int64_t k = 0; k < K; ++k) packed[k * N + j] = B[j * ldb + k];
-    }
+    transpose_avx512(B, ldb, N, K, packed.data(), N);
     Bp = packed.data();
     ldbp = N;
   }
@@ -181,6 +222,19 @@ void gemm_rm_blas(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha
 }
 
 }  // namespace
+
+void transpose_rm(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                  int64_t ldd) {
+#if defined(__x86_64__)
+  if (small_gemm_avx512()) {
+    transpose_avx512(src, lds, rows, cols, dst, ldd);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
 
 bool small_gemm_avx512() {
 #if defined(__x86_64__)

@@ -17,6 +17,11 @@ namespace metakernels {
 void gemm_rm(bool tA, bool tB, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (a row-major transpose; 16 x 16
+// register blocks where the CPU has AVX-512).
+void transpose_rm(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                  int64_t ldd);
+
 // Whether gemm_rm runs its own AVX-512 kernel on this CPU.
 bool small_gemm_avx512();
 

@@ -37,66 +37,80 @@ __attribute__((target("avx512f"))) inline void store_row(float* c, __m512 acc, _
 
 // The tiles: op(B)'s rows are vectors (Bp row-major, leading dimension ldbp) and op(A)[i, k] =
 // A[i a_row + k a_col] is broadcast; rows past M repeat the last one (computed, never stored).
-// 4 x 32: 8 accumulators, 2 loads and 4 broadcasts per 8 FMAs. The k loop of a tile of 32 full
-// columns loads without masks (Full); only the last tile of a row block masks its loads.
-template <bool Full>
-__attribute__((target("avx512f"), always_inline)) inline void tile_4x32_k(
-    int64_t K, const float* a0, const float* a1, const float* a2, const float* a3,
-    int64_t a_col, const float* Bp, int64_t ldbp, __mmask16 m0, __mmask16 m1, __m512 (&c)[8]) {
-  __m512 c00 = c[0], c01 = c[1], c10 = c[2], c11 = c[3], c20 = c[4], c21 = c[5], c30 = c[6],
-         c31 = c[7];
+// R x 32 (R = 8 or 4): 2R accumulators, 2 loads and R broadcasts per 2R FMAs; 8 rows keep 16
+// independent FMA chains in flight, 4 rows serve the last rows of a block. The k loop of a tile
+// of 32 full columns loads without masks (Full); only a row block's last tile masks its loads.
+template <int R, bool Full>
+__attribute__((target("avx512f"), always_inline)) inline void tile_k(
+    int64_t K, const float* const (&a)[R], int64_t a_col, const float* Bp, int64_t ldbp,
+    __mmask16 m0, __mmask16 m1, __m512 (&c)[2 * R]) {
   for (int64_t k = 0; k < K; ++k) {
     const float* brow = Bp + k * ldbp;
     const __m512 b0 = Full ? _mm512_loadu_ps(brow) : _mm512_maskz_loadu_ps(m0, brow);
     const __m512 b1 = Full ? _mm512_loadu_ps(brow + 16) : _mm512_maskz_loadu_ps(m1, brow + 16);
     const int64_t ak = k * a_col;
-    __m512 x = _mm512_set1_ps(a0[ak]);
-    c00 = _mm512_fmadd_ps(x, b0, c00);
-    c01 = _mm512_fmadd_ps(x, b1, c01);
-    x = _mm512_set1_ps(a1[ak]);
-    c10 = _mm512_fmadd_ps(x, b0, c10);
-    c11 = _mm512_fmadd_ps(x, b1, c11);
-    x = _mm512_set1_ps(a2[ak]);
-    c20 = _mm512_fmadd_ps(x, b0, c20);
-    c21 = _mm512_fmadd_ps(x, b1, c21);
-    x = _mm512_set1_ps(a3[ak]);
-    c30 = _mm512_fmadd_ps(x, b0, c30);
-    c31 = _mm512_fmadd_ps(x, b1, c31);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r][ak]);
+      c[2 * r] = _mm512_fmadd_ps(x, b0, c[2 * r]);
+      c[2 * r + 1] = _mm512_fmadd_ps(x, b1, c[2 * r + 1]);
+    }
   }
-  c[0] = c00, c[1] = c01, c[2] = c10, c[3] = c11, c[4] = c20, c[5] = c21, c[6] = c30, c[7] = c31;
 }
 
-__attribute__((target("avx512f"))) void tiles_4x32(int64_t M, int64_t N, int64_t K, float alpha,
+template <int R>
+__attribute__((target("avx512f"))) void tiles_rx32(int64_t M, int64_t N, int64_t K, float alpha,
                                                     const float* A, int64_t a_row, int64_t a_col,
                                                     const float* Bp, int64_t ldbp, float beta,
                                                     float* C, int64_t ldc) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   const bool bz = beta == 0.0f;
-  for (int64_t i0 = 0; i0 < M; i0 += 4) {
-    const int64_t mr = std::min<int64_t>(4, M - i0);
-    const float* a0 = A + i0 * a_row;
-    const float* a1 = A + (i0 + std::min<int64_t>(1, mr - 1)) * a_row;
-    const float* a2 = A + (i0 + std::min<int64_t>(2, mr - 1)) * a_row;
-    const float* a3 = A + (i0 + std::min<int64_t>(3, mr - 1)) * a_row;
+  for (int64_t i0 = 0; i0 < M; i0 += R) {
+    const int64_t mr = std::min<int64_t>(R, M - i0);
+    const float* a[R];
+    for (int r = 0; r < R; ++r) a[r] = A + (i0 + std::min<int64_t>(r, mr - 1)) * a_row;
     for (int64_t j0 = 0; j0 < N; j0 += 32) {
       const __mmask16 m0 = lanes(N - j0), m1 = lanes(N - j0 - 16);
-      __m512 acc[8];
+      __m512 acc[2 * R];
       for (__m512& v : acc) v = _mm512_setzero_ps();
       if (N - j0 >= 32) {
-        tile_4x32_k<true>(K, a0, a1, a2, a3, a_col, Bp + j0, ldbp, m0, m1, acc);
+        tile_k<R, true>(K, a, a_col, Bp + j0, ldbp, m0, m1, acc);
       } else {
-        tile_4x32_k<false>(K, a0, a1, a2, a3, a_col, Bp + j0, ldbp, m0, m1, acc);
+        tile_k<R, false>(K, a, a_col, Bp + j0, ldbp, m0, m1, acc);
       }
       float* c = C + i0 * ldc + j0;
-      for (int64_t r = 0; r < mr; ++r) {
-        store_row(c + r * ldc, acc[2 * r], m0, va, vb, bz);
-        store_row(c + r * ldc + 16, acc[2 * r + 1], m1, va, vb, bz);
+      if (mr == R) {   // a whole block: the accumulators stay in registers
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          store_row(c + r * ldc, acc[2 * r], m0, va, vb, bz);
+          store_row(c + r * ldc + 16, acc[2 * r + 1], m1, va, vb, bz);
+        }
+      } else {
+        for (int64_t r = 0; r < mr; ++r) {
+          store_row(c + r * ldc, acc[2 * r], m0, va, vb, bz);
+          store_row(c + r * ldc + 16, acc[2 * r + 1], m1, va, vb, bz);
+        }
       }
     }
   }
 }
 
-// 8 x 16, for N <= 16 (a few keys, a small head dimension): 8 accumulators, 1 load and 8 broadcasts per 8 FMAs.
+// Rows in blocks of 8, the last M % 8 in blocks of 4; all in blocks of 4 for a short k loop
+// (K < 32, e.g. the LoRA expand over the rank), where the 8-row tile's stores outweigh its gain.
+__attribute__((target("avx512f"))) void tiles_x32(int64_t M, int64_t N, int64_t K, float alpha,
+                                                   const float* A, int64_t a_row, int64_t a_col,
+                                                   const float* Bp, int64_t ldbp, float beta,
+                                                   float* C, int64_t ldc) {
+  const int64_t m8 = K >= 32 ? M / 8 * 8 : 0;
+  if (m8 > 0) tiles_rx32<8>(m8, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
+  if (M > m8) {
+    tiles_rx32<4>(M - m8, N, K, alpha, A + m8 * a_row, a_row, a_col, Bp, ldbp, beta,
+                  C + m8 * ldc, ldc);
+  }
+}
+
+// 8 x 16, for N <= 16 (a few keys, a small head dimension, the LoRA rank): 8 accumulators,
+// 1 load and 8 broadcasts per 8 FMAs.
 __attribute__((target("avx512f"))) void tiles_8x16(int64_t M, int64_t N, int64_t K, float alpha,
                                                     const float* A, int64_t a_row, int64_t a_col,
                                                     const float* Bp, int64_t ldbp, float beta,
@@ -190,7 +204,7 @@ __attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t
   if (N <= 16) {  // one vector of columns: more rows per tile instead
     tiles_8x16(M, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
   } else {
-    tiles_4x32(M, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
+    tiles_x32(M, N, K, alpha, A, a_row, a_col, Bp, ldbp, beta, C, ldc);
   }
 }
 #endif

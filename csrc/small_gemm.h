@@ -4,8 +4,8 @@
 //
 // gemm_rm computes the row-major C[M, N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (tA, tB),
 // leading dimensions in elements (unit stride along rows); beta = 0 overwrites C without reading
-// it. Where the CPU has AVX-512 it runs an FMA kernel of its own (register tiles of 4 x 32 or
-// 8 x 16); elsewhere the BLAS that PyTorch links (its sgemm_, MKL in the x86 wheels), or ATen's
+// it. Where the CPU has AVX-512 it runs an FMA kernel of its own (register tiles of 8 x 32, 4 x 32
+// or 8 x 16); elsewhere the BLAS that PyTorch links (its sgemm_, MKL in the x86 wheels), or ATen's
 // mm where no sgemm_ is exported. PyTorch's x86 builds link MKL, whose sgemm runs its AVX2 code on
 // AMD processors even where they have AVX-512.
 #pragma once

@@ -99,3 +99,24 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path):
     a = load_checkpoint(latest_checkpoint(tmp_path / "full"))[0]["theta"]
     b = load_checkpoint(latest_checkpoint(run))[0]["theta"]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_rows_is_isfinite_all(dtype):
+    """finite_rows says exactly what isfinite(x).all(1) says: NaN, +inf and -inf anywhere in a
+    row, alone or together, make it False; the largest finite values (whose squares overflow
+    fp32, and fp64 for fp64 rows) and zeros keep it True; a row of no values is finite."""
+    from metakernels.meta.common import finite_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1001, generator=g, dtype=dtype)
+    big = torch.finfo(dtype).max
+    x[1, 17] = float("nan")
+    x[2, 1000] = float("inf")
+    x[3, 0] = -float("inf")
+    x[4] = big
+    x[5, ::2] = -big
+    x[6] = 0.0
+    x[7, 3], x[7, 4] = float("inf"), -float("inf")
+    assert finite_rows(x).tolist() == torch.isfinite(x).all(dim=1).tolist() == [
+        True, False, False, False, True, True, True, False, True]
+    assert finite_rows(x[:, :0]).tolist() == [True] * 9

@@ -64,6 +64,18 @@ class StepResult:
         return float((self.query_losses[keep] * w[keep]).sum() / w[keep].sum())
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[T] bool: whether every value of row t of ``x`` [T, P] is finite (``isfinite(x).all(1)``).
+
+    For fp32 (and narrower) ``x`` it is one pass in fp64, a row's norm: the squares of fp32
+    values sum to at most P * 1.2e77 and cannot overflow, so the norm is finite exactly when
+    every value is (a NaN or an infinity makes it NaN or inf). ``isfinite(x).all(1)`` writes two
+    [T, P] temporaries (|x| and the mask) on the way."""
+    if x.dtype == torch.float64 or x.shape[1] == 0:
+        return torch.isfinite(x).all(dim=1)
+    return torch.isfinite(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64))
+
+
 def hidden_states(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """The final hidden states [N*L, d] of a causal LM (before its output layer)."""
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..bank import AdapterBank
 from ..batch import PackedBatch
 from ..ops import fused_update, meta_reduce
-from .common import InnerConfig, StepResult, normalized_weights, task_losses
+from .common import InnerConfig, StepResult, finite_rows, normalized_weights, task_losses
 
 
 def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: InnerConfig,
@@ -69,10 +69,10 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
                          f"{query.num_tasks}")
     hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size)
     qlosses = query_gradients(model, bank, query, chunk_size)
-    grad_ok = torch.isfinite(bank.grad).all(dim=1)
-    keep = alive & torch.isfinite(qlosses) & grad_ok
+    keep = alive & torch.isfinite(qlosses) & finite_rows(bank.grad)
     w = normalized_weights(support.num_tasks, weights, keep, bank.device)
-    grad = torch.where(keep[:, None], bank.grad, torch.zeros_like(bank.grad))
+    # a dropped task's row may hold NaNs, which a zero weight would still propagate
+    grad = bank.grad if bool(keep.all()) else torch.where(keep[:, None], bank.grad, 0.0)
     meta_grad = meta_reduce("fomaml", grad, w)
     return StepResult(meta_grad, hist, qlosses, w, ~keep, norms)
 
@@ -91,7 +91,7 @@ def reptile_step(model: nn.Module, bank: AdapterBank, support: PackedBatch,
             qlosses = task_losses(model, query, chunk_size)
     else:
         qlosses = torch.full((T,), float("nan"), device=bank.device)
-    keep = alive & torch.isfinite(bank.fast.detach()).all(dim=1)
+    keep = alive & finite_rows(bank.fast.detach())
     w = normalized_weights(T, weights, keep, bank.device)
     fast = torch.where(keep[:, None], bank.fast.detach(), bank.theta.detach()[None])
     meta_grad = meta_reduce("reptile", fast, w, bank.theta.detach())

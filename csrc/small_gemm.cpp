@@ -20,6 +20,14 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace metakernels {
 namespace {
 
+// dst[c * ldd + r] = src[r * lds + c], element by element.
+void transpose_scalar(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                      int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
 #if defined(__x86_64__)
 // Mask of the first n (0..16) lanes.
 __attribute__((target("avx512f"))) inline __mmask16 lanes(int64_t n) {
@@ -182,9 +190,9 @@ __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64
       transpose_16x16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {   // the edges: columns past c16, then rows past r16
-    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-  }
+  // the edges: the columns past c16 of the first r16 rows, then the rows past r16
+  transpose_scalar(src + c16, lds, r16, cols - c16, dst + c16 * ldd, ldd);
+  transpose_scalar(src + r16 * lds, lds, rows - r16, cols, dst + r16, ldd);
 }
 
 __attribute__((target("avx512f"))) void gemm_rm_avx512(bool tA, bool tB, int64_t M, int64_t N,
@@ -245,9 +253,7 @@ void transpose_rm(const float* src, int64_t lds, int64_t rows, int64_t cols, flo
     return;
   }
 #endif
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-  }
+  transpose_scalar(src, lds, rows, cols, dst, ldd);
 }
 
 bool small_gemm_avx512() {

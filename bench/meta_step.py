@@ -682,10 +682,10 @@ def _timed_functions(totals: dict[str, float]):
             setattr(cls, meth, f)
 
 
-def breakdown_step(runner, name: str, repeats: int) -> dict:
+def breakdown_step(runner, name: str, repeats: int) -> None:
     """Prints the wall time per step inside each kind of autograd function of ``runner``'s step
     (``repeats`` steps) and the step on one thread against the current number, alternating
-    (``repeats`` pairs); returns both."""
+    (``repeats`` pairs)."""
     runner.step()
     totals: dict[str, float] = {}
     times = []
@@ -702,7 +702,6 @@ def breakdown_step(runner, name: str, repeats: int) -> dict:
     for label, t in rows:
         print(f"  {label:<42} {1e3 * t:8.1f} ms  {100 * t / step:5.1f}%")
     n = torch.get_num_threads()
-    scaling = None
     if n > 1:
         one, many = [], []
         for i in range(repeats):
@@ -714,10 +713,8 @@ def breakdown_step(runner, name: str, repeats: int) -> dict:
         torch.set_num_threads(n)
         t1, tn = statistics.median(one), statistics.median(many)
         serial = (n * tn - t1) / (n - 1)
-        scaling = {"one_thread_s": t1, "threads": n, "threads_s": tn}
         print(f"  1 thread {t1:.3f} s, {n} threads {tn:.3f} s (medians of {repeats} alternating "
               f"pairs, {tn / t1:.3f}x): Amdahl's serial part at most {serial:.3f} s")
-    return {"functions": dict(rows), "step_s": step, "scaling": scaling}
 
 
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
@@ -827,25 +824,27 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
           f"T={w.num_tasks} support {w.describe_sizes()} query {w.query_rows}/task, "
           f"L={w.seq_len}, K={w.inner_steps}; {tokens} tokens/step")
     replays: dict[str, dict | None] = {}
+
+    def after_timing(name, runner):   # --profile, --breakdown
+        if not name.startswith("metakernels-"):
+            return
+        if args.profile:
+            replays[name] = profile_step(runner, name)
+        if args.breakdown:
+            breakdown_step(runner, name, args.repeats)
     if args.sequential:
         results = {}
         for name in variants:
             runner = make_variant(name, w, adapters, support, query)
             results.update(time_variants({name: runner}, args.warmup, args.repeats, probe))
-            if args.profile and name.startswith("metakernels-"):
-                replays[name] = profile_step(runner, name)
-            if args.breakdown and name.startswith("metakernels-"):
-                breakdown_step(runner, name, args.repeats)
+            after_timing(name, runner)
             del runner
             gc.collect()
     else:
         runners = {name: make_variant(name, w, adapters, support, query) for name in variants}
         results = time_variants(runners, args.warmup, args.repeats, probe)
         for name, runner in runners.items():
-            if args.profile and name.startswith("metakernels-"):
-                replays[name] = profile_step(runner, name)
-            if args.breakdown and name.startswith("metakernels-"):
-                breakdown_step(runner, name, args.repeats)
+            after_timing(name, runner)
         del runners
         gc.collect()
     # the best of before, every round and after: the floor is a best case

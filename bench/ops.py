@@ -6,6 +6,11 @@ available backend (the public op under ``metakernels.backend.use_backend``, call
 engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-style buffers);
 ``cpu-blas`` is the cpu backend with the frozen weights' GEMMs on ATen's ``mm`` (MKL) instead of
 oneDNN's (``metakernels.gemm``), where oneDNN is the default.
+``attention`` is the causal self-attention of the fused layers (``model.fused_layers``): the
+reference is its math form (softmax of the masked scores, autograd), ``torch`` is what the
+library runs there (PyTorch's ``scaled_dot_product_attention``), ``cpu`` (and ``cpu-blas``, which
+has no GEMM library to switch) the kernel of ``csrc/attention.cpp``, [B, H, L, D] as the model
+calls it.
 Modes: ``forward``, ``backward`` (the backward of one retained forward graph) and ``full``
 (forward + backward); ``fused_update`` and ``meta_reduce`` have a forward only. Every provider is
 checked against the reference (outputs and every gradient) at the benchmark shape before it is
@@ -20,6 +25,9 @@ Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P a
                                     The fused kernel (cpu) computes dh in the forward,
                                     never keeping the logits: its forward counts 4NdV and its
                                     backward N d (a row scaling). Compare providers on ``full``.
+    attention              GFLOP/s  causal, B sequences, H heads of D, length L: forward
+                                    2 B H L^2 D, backward 4 B H L^2 D (as the meta-step's
+                                    FLOP floor counts them)
     fused_update           GB/s     sgd: read fast, grad, write fast (12 TP bytes);
                                     adam: + read/write both moments (28 TP bytes)
     meta_reduce            GB/s     read T x P (+ theta for reptile), write P
@@ -28,6 +36,7 @@ Commands::
 
     python bench/ops.py                     # every op, every provider, every mode
     python bench/ops.py --op multi_lora_linear
+    python bench/ops.py --op attention
     python bench/ops.py --quick --csv /tmp/ops.csv
 """
 from __future__ import annotations
@@ -40,15 +49,17 @@ from pathlib import Path
 from common import RESULTS, append_csv, print_table, quantiles, run_metadata, time_calls
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from metakernels import TaskLayout, backend  # noqa: E402
+from metakernels.fused import _AttentionFn  # noqa: E402
 from metakernels.gemm import gemm_library, use_gemm  # noqa: E402
 from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_reduce  # noqa: E402
 from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref  # noqa: E402
 from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref  # noqa: E402
 
 CHECK_RTOL = 1e-4   # relative (norm) error allowed against the reference, fp32
-OPS = ("multi_lora_linear", "segment_cross_entropy", "fused_update", "meta_reduce")
+OPS = ("multi_lora_linear", "segment_cross_entropy", "attention", "fused_update", "meta_reduce")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,6 +195,42 @@ class SegmentCrossEntropyCase:
                       lambda loss: [loss.detach(), h.grad])
 
 
+def attention_math(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention in its math form: softmax(q k^T scale, keys after the query masked) v."""
+    L = q.shape[-2]
+    keep = torch.ones(L, L, dtype=torch.bool).tril()
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+class AttentionCase:
+    op, metric, modes = "attention", "GFLOP/s", ("forward", "backward", "full")
+
+    def __init__(self, batch, heads, length, head_dim, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch, heads, length, head_dim)
+        self.q, self.k, self.v, self.dout = (torch.randn(shape, generator=g) for _ in range(4))
+        self.scale = head_dim ** -0.5
+        self.config = f"B={batch} H={heads} L={length} D={head_dim} causal"
+        flops = 2 * batch * heads * length ** 2 * head_dim
+        self._work = {"forward": flops, "backward": 2 * flops, "full": 3 * flops}
+
+    def work(self, mode, provider):
+        return self._work[mode]
+
+    def runner(self, provider):
+        q, k, v = (t.clone().requires_grad_(True) for t in (self.q, self.k, self.v))
+        if provider == "reference":
+            fwd = lambda: attention_math(q, k, v, self.scale)
+        elif provider_backend(provider) == "cpu":
+            fwd = lambda: _AttentionFn.apply(q, k, v, None, True, self.scale)
+        else:
+            fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         scale=self.scale)
+        return Runner(fwd, lambda out: out.backward(self.dout, retain_graph=True),
+                      lambda out: [out.detach(), q.grad, k.grad, v.grad])
+
+
 class _BankCase:
     """A forward-only op over a [T, P] fp32 bank, one row per task. It is bound by memory, so it
     is rated by the ``nbytes`` it must move, the same for every provider; ``variant`` (the
@@ -241,7 +288,8 @@ class MetaReduceCase(_BankCase):
 
 def cases(op: str, quick: bool) -> list:
     """Realistic shapes: the fewshot preset's layers (d 512, r 16, 8 tasks of 2 x 64 tokens),
-    a Zipf-1.5 mix of task sizes (punica's), an MLP projection, 32 tasks, a 32k vocabulary."""
+    a Zipf-1.5 mix of task sizes (punica's), an MLP projection, 32 tasks, a 32k vocabulary, the
+    attention of the fewshot and large presets."""
     P_FEWSHOT = 6 * 4 * 16 * (512 + 512)   # q/k/v/o adapters of the fewshot model, rank 16
     if op == "multi_lora_linear":
         if quick:
@@ -256,6 +304,10 @@ def cases(op: str, quick: bool) -> list:
             return [SegmentCrossEntropyCase([16, 8, 24], 32, 100)]
         return [SegmentCrossEntropyCase([128] * 8, 512, 1024),
                 SegmentCrossEntropyCase([128] * 8, 512, 32000)]
+    if op == "attention":   # the fewshot and large presets' layers: 16 sequences of 64, 128
+        if quick:
+            return [AttentionCase(2, 3, 17, 8)]
+        return [AttentionCase(16, 8, 64, 64), AttentionCase(16, 8, 128, 64)]
     if op == "fused_update":
         shapes = [(3, 1000)] if quick else [(8, P_FEWSHOT), (32, P_FEWSHOT)]
         return [FusedUpdateCase(T, P, o) for T, P in shapes for o in ("sgd", "adam")]

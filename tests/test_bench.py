@@ -99,7 +99,7 @@ def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
     keys = [(r["op"], r["config"], r["provider"], r["mode"]) for r in rows]
     assert len(keys) == len(set(keys))
     assert {r["op"] for r in rows} == {"multi_lora_linear", "segment_cross_entropy",
-                                       "fused_update", "meta_reduce"}
+                                       "attention", "fused_update", "meta_reduce"}
     providers = {"reference", *BACKENDS}
     if "cpu" in BACKENDS and gemm_library() == "onednn":
         providers.add("cpu-blas")

@@ -57,6 +57,7 @@ Commands::
     python bench/meta_step.py --preset fewshot --sweep-tasks
     python bench/meta_step.py --preset fewshot --profile  # + top ops of the metakernels step
     python bench/meta_step.py --preset fewshot --variant metakernels-cpu --breakdown
+    python bench/meta_step.py --preset fewshot --variant metakernels-cpu --ablate
     python bench/meta_step.py --quick --csv /tmp/m.csv    # every variant once, tiny sizes
     python bench/meta_step.py --model-path DIR --targets all-linear
 
@@ -717,6 +718,94 @@ def breakdown_step(runner, name: str, repeats: int) -> None:
               f"pairs, {tn / t1:.3f}x): Amdahl's serial part at most {serial:.3f} s")
 
 
+# --ablate: the step's non-GEMM kernels, each replaced by what costs nothing (a view of an input,
+# the incoming gradient passed on; the LoRA layers: their base GEMMs alone). The steps' results
+# are then wrong: timing only. (label, module, class, {attribute: replacement})
+def _no_lora_fwd(x, W, b, A, B, layout, scale):
+    return onednn_linear(x, W, b), x.new_empty(x.shape[0], A.shape[-1])
+
+
+def _no_lora_bwd(dy, x, W, A, B, xa, layout, scale, dA, dB, need_dx):
+    return onednn_linear(dy, W.t()) if need_dx else None
+
+
+def _attention_stub_fwd(ctx, q, k, v, mask, causal, scale):
+    ctx.kv_heads = k.shape[1]
+    return q.view_as(q)
+
+
+def _attention_stub_bwd(ctx, d):
+    dkv = d[:, :ctx.kv_heads]          # [B, Hkv, L, D], as k and v
+    return d, dkv, dkv, None, None, None
+
+
+ABLATIONS = [
+    ("LoRA products", "metakernels.ops.multi_lora_linear", None,
+     {"_cpu_fwd": _no_lora_fwd, "_cpu_bwd": _no_lora_bwd}),
+    ("attention kernel", "metakernels.fused", "_AttentionFn",
+     {"forward": staticmethod(_attention_stub_fwd), "backward": staticmethod(_attention_stub_bwd)}),
+    ("SwiGLU", "metakernels.fused", "_SwiGLUFn",
+     {"forward": staticmethod(lambda ctx, gate, up: gate.view_as(gate)),
+      "backward": staticmethod(lambda ctx, dy: (dy, dy))}),
+    ("RMSNorm", "metakernels.fused", "_RMSNormFn",
+     {"forward": staticmethod(lambda ctx, x, weight, eps: x.view_as(x)),
+      "backward": staticmethod(lambda ctx, dy: (dy, None, None))}),
+    ("rotary", "metakernels.fused", "_RotaryFn",
+     {"forward": staticmethod(lambda ctx, q, k, cos, sin: (q.view_as(q), k.view_as(k))),
+      "backward": staticmethod(lambda ctx, dq, dk: (dq, dk, None, None))}),
+]
+
+
+@contextlib.contextmanager
+def _ablated(labels):
+    """Inside the block, the ABLATIONS of these labels are in place."""
+    saved = []
+    for label, mod, cls_name, attrs in ABLATIONS:
+        if label not in labels:
+            continue
+        obj = sys.modules[mod] if cls_name is None else getattr(sys.modules[mod], cls_name)
+        for attr, value in attrs.items():
+            saved.append((obj, attr, vars(obj)[attr]))   # a class's staticmethod as it is
+            setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def ablate_step(runner, name: str, repeats: int, floor_s: float) -> None:
+    """Prints the median step with each of the step's non-GEMM kernels removed (ABLATIONS), and
+    with all of them removed, alternating over ``repeats`` rounds: what each costs in the step
+    (its marginal cost, which moves cache misses onto the next op, so it can differ from its own
+    time in --breakdown), and what the GEMMs, the loss and the rest of the step take alone."""
+    labels = [a[0] for a in ABLATIONS]
+    modes = [("full step", ())] + [(f"without {lb}", (lb,)) for lb in labels] + [
+        ("without all of them", tuple(labels))]
+    before = runner.step()[0]
+    times: dict[str, list[float]] = {m: [] for m, _ in modes}
+    grads = {}
+    for m, ab in modes:                       # warm-up, and the ablated steps' results
+        with _ablated(ab):
+            grads[m] = runner.step()[0]
+    for i in range(repeats):
+        for m, ab in (modes if i % 2 == 0 else modes[::-1]):
+            with _ablated(ab):
+                t0 = time.perf_counter()
+                runner.step()
+                times[m].append(time.perf_counter() - t0)
+    after = runner.step()[0]
+    full = statistics.median(times["full step"])
+    print(f"\n{name}: the step without its non-GEMM kernels (wrong results: timing only), "
+          f"medians of {repeats} alternating rounds; floor {floor_s:.3f} s")
+    for m, _ in modes:
+        t = statistics.median(times[m])
+        print(f"  {m:<32} {t:7.3f} s  {1e3 * (t - full):+8.1f} ms  {t / floor_s:5.2f}x floor")
+    changed = [m for m, ab in modes if ab and not torch.equal(grads[m], before)]
+    print(f"  ablations took effect (meta-gradient changed): {len(changed)} of {len(modes) - 1}; "
+          f"the step restored after them: {torch.equal(after, before)}")
+
+
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 REPLAY_RING = 8     # distinct inputs per input shape: the replay reads its inputs from memory
 
@@ -825,13 +914,17 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
           f"L={w.seq_len}, K={w.inner_steps}; {tokens} tokens/step")
     replays: dict[str, dict | None] = {}
 
-    def after_timing(name, runner):   # --profile, --breakdown
+    def after_timing(name, runner):   # --profile, --breakdown, --ablate
         if not name.startswith("metakernels-"):
             return
         if args.profile:
             replays[name] = profile_step(runner, name)
         if args.breakdown:
             breakdown_step(runner, name, args.repeats)
+        if args.ablate:
+            rate = max(max(r.values()) for r in rates)
+            ablate_step(runner, name, args.repeats,
+                        flop_floor(w, adapters, support, query) / rate)
     if args.sequential:
         results = {}
         for name in variants:
@@ -927,6 +1020,9 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="print the wall time per step inside each kind of autograd function of "
                         "the metakernels steps, and their time on one thread against all")
+    p.add_argument("--ablate", action="store_true",
+                   help="print the metakernels steps' time with each non-GEMM kernel removed "
+                        "and with all of them removed (wrong results, timing only), alternating")
     p.add_argument("--memory-runs", type=int,
                    help="fresh processes per variant whose median peak RSS is reported "
                         "(default 3; 1 with --quick)")

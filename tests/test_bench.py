@@ -149,6 +149,28 @@ def test_meta_step_extra_variants_match_naive_peft(tmp_path):
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_meta_step_ablate_removes_each_kernel_and_restores_the_step(tmp_path):
+    """--ablate times the step with each non-GEMM kernel removed and with all removed: every
+    ablation must change the meta-gradient (else it removed nothing), and the step must give its
+    own meta-gradient again afterwards (the kernels put back)."""
+    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "a.csv", "--variant",
+                   "metakernels-cpu", "--ablate", "--threads", "1", "--repeats", "1")
+    out = r.stdout
+    modes = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+(full step|without .+?)\s+([\d.]+) s\s+([-+][\d.]+) ms\s+([\d.]+)x floor$",
+                     line)
+        if m:
+            modes[m.group(1)] = float(m.group(2))
+    assert set(modes) == {"full step", "without LoRA products", "without attention kernel",
+                          "without SwiGLU", "without RMSNorm", "without rotary",
+                          "without all of them"}, out
+    assert all(t > 0 for t in modes.values())
+    assert "ablations took effect (meta-gradient changed): 6 of 6; the step restored after " \
+           "them: True" in out
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
 def test_meta_step_breakdown_accounts_for_the_step(tmp_path):
     """--breakdown prints one line per kind of autograd function of the step, each with a time
     that is not negative, "everything else" included (the functions' times do not add up to

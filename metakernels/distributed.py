@@ -32,8 +32,21 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
+    """Destroys the process group. ``barrier``: first wait for every process (the normal end of
+    a run; not after an error, where the others may wait in another collective).
+
+    Why the barrier: Gloo's worker thread drops its reference to a finished collective after
+    the caller has returned. When the caller's tensor is gone by then, that drop frees a
+    Python object and needs the GIL; if the interpreter is already finalizing, the thread
+    exits inside a C++ frame and the process aborts ("terminate called without an active
+    exception", pytorch/pytorch#190489). A process with nothing to do after the last all-reduce
+    (every rank but 0) exits fast enough to hit this. The barrier is queued behind the
+    all-reduce, so the worker has dropped the all-reduce before the barrier returns, while the
+    interpreter is alive; the barrier's own tensors are not Python's."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -427,14 +427,17 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     trainer = Trainer(cfg)
+    from . import distributed as dist
     try:
         hist = trainer.train()
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        from . import distributed as dist
         dist.shutdown()
+        return 1
+    except BaseException:
+        dist.shutdown()
+        raise
+    dist.shutdown(barrier=True)
     if trainer.is_main and hist:
         k = max(1, len(hist) // 10)
         first = sum(h["stage2/meta_loss"] for h in hist[:k]) / k

@@ -33,8 +33,9 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
 
 
 def shutdown(barrier: bool = False) -> None:
-    """Destroys the process group. ``barrier``: first wait for every process (the normal end of
-    a run; not after an error, where the others may wait in another collective).
+    """Destroys the process group. ``barrier``: first wait for every process (where all of
+    them end: the normal end of a run, or a stop on the all-reduced gradient; not after an error
+    of one process, while the others may wait in another collective).
 
     Why the barrier: Gloo's worker thread drops its reference to a finished collective after
     the caller has returned. When the caller's tensor is gone by then, that drop frees a

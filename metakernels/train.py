@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         hist = trainer.train()
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
-        dist.shutdown()
+        dist.shutdown(barrier=True)   # every process stops at that step: the reduced gradient
         return 1
     except BaseException:
         dist.shutdown()

@@ -331,13 +331,15 @@ class Metakernels:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
+def _patched(obj, name: str, value):
+    """``obj.name = value`` inside the block (a module's function or a class's attribute; a
+    class's staticmethod is put back as it was, not as the function it gives)."""
+    saved = vars(obj)[name]
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        setattr(module, name, saved)
+        setattr(obj, name, saved)
 
 
 class NaivePeft:
@@ -759,19 +761,13 @@ ABLATIONS = [
 @contextlib.contextmanager
 def _ablated(labels):
     """Inside the block, the ABLATIONS of these labels are in place."""
-    saved = []
-    for label, mod, cls_name, attrs in ABLATIONS:
-        if label not in labels:
-            continue
-        obj = sys.modules[mod] if cls_name is None else getattr(sys.modules[mod], cls_name)
-        for attr, value in attrs.items():
-            saved.append((obj, attr, vars(obj)[attr]))   # a class's staticmethod as it is
-            setattr(obj, attr, value)
-    try:
+    with contextlib.ExitStack() as stack:
+        for label, mod, cls_name, attrs in ABLATIONS:
+            if label in labels:
+                obj = sys.modules[mod] if cls_name is None else getattr(sys.modules[mod], cls_name)
+                for attr, value in attrs.items():
+                    stack.enter_context(_patched(obj, attr, value))
         yield
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
 
 
 def ablate_step(runner, name: str, repeats: int, floor_s: float) -> None:

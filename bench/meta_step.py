@@ -659,30 +659,24 @@ BREAKDOWN = [
 ]
 
 
-@contextlib.contextmanager
-def _timed_functions(totals: dict[str, float]):
+def _timed_functions(totals: dict[str, float]) -> contextlib.ExitStack:
     """Adds the wall time of every forward and backward of the BREAKDOWN functions to
-    ``totals`` (by label) inside the block."""
-    saved = []
-    for label, mod, cls_name in BREAKDOWN:
-        cls = getattr(sys.modules[mod], cls_name)
-        for meth in ("forward", "backward"):
-            f = cls.__dict__[meth]
-            fn = f.__func__ if isinstance(f, staticmethod) else f
+    ``totals`` (by label) inside the block it returns."""
+    with contextlib.ExitStack() as stack:   # undone here if a patch fails
+        for label, mod, cls_name in BREAKDOWN:
+            cls = getattr(sys.modules[mod], cls_name)
+            for meth in ("forward", "backward"):
+                f = cls.__dict__[meth]
+                fn = f.__func__ if isinstance(f, staticmethod) else f
 
-            def timed(*a, _fn=fn, _label=label):
-                t0 = time.perf_counter()
-                try:
-                    return _fn(*a)
-                finally:
-                    totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t0
-            saved.append((cls, meth, f))
-            setattr(cls, meth, staticmethod(timed))
-    try:
-        yield
-    finally:
-        for cls, meth, f in saved:
-            setattr(cls, meth, f)
+                def timed(*a, _fn=fn, _label=label):
+                    t0 = time.perf_counter()
+                    try:
+                        return _fn(*a)
+                    finally:
+                        totals[_label] = totals.get(_label, 0.0) + time.perf_counter() - t0
+                stack.enter_context(_patched(cls, meth, staticmethod(timed)))
+        return stack.pop_all()
 
 
 def breakdown_step(runner, name: str, repeats: int) -> None:

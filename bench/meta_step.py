@@ -58,6 +58,7 @@ Commands::
     python bench/meta_step.py --preset fewshot --profile  # + top ops of the metakernels step
     python bench/meta_step.py --preset fewshot --variant metakernels-cpu --breakdown
     python bench/meta_step.py --preset fewshot --variant metakernels-cpu --ablate
+    python bench/meta_step.py --preset fewshot --variant metakernels-cpu --contention
     python bench/meta_step.py --quick --csv /tmp/m.csv    # every variant once, tiny sizes
     python bench/meta_step.py --model-path DIR --targets all-linear
 
@@ -796,6 +797,83 @@ def ablate_step(runner, name: str, repeats: int, floor_s: float) -> None:
           f"the step restored after them: {torch.equal(after, before)}")
 
 
+def _one_thread_each(fns: list[Callable[[], object]]) -> float:
+    """Runs ``fns`` at the same time, each in a thread of its own with one intra-op thread (the
+    setting is per thread); returns the wall time until the last one ends."""
+    def body(fn):
+        torch.set_num_threads(1)
+        fn()
+    with ThreadPoolExecutor(len(fns)) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(body, fns))
+        return time.perf_counter() - t0
+
+
+def contention_step(w: Workload, name: str, repeats: int) -> None:
+    """What the cores cost each other: the meta-batch split into n = ``torch.get_num_threads()``
+    shares of T / n tasks (as n processes of torchrun split it; each share a runner with its own
+    model, so that no module runs in two threads), timed in alternating rounds:
+
+    - one share alone, on one thread (the other cores idle);
+    - the n shares at once, one thread each (n Python threads; their Python code between the
+      kernels takes turns on the GIL, their kernels do not);
+    - the whole batch on n threads (the step as timed above).
+
+    A share's step at once against alone is what sharing the L3 and memory bandwidth costs (with
+    the GIL); the same for a square GEMM of the hidden size (the FLOP floor's rate) says what it
+    costs work that stays in each core's cache."""
+    n = torch.get_num_threads()
+    if n < 2 or w.num_tasks % n:
+        print(f"\n{name}: --contention needs 2 or more threads dividing T={w.num_tasks} "
+              f"(threads: {n}); skipped")
+        return
+    share = dataclasses.replace(w, num_tasks=w.num_tasks // n)
+    runners = []
+    for i in range(n):
+        sw = dataclasses.replace(share, seed=w.seed + i)
+        sup, qry = make_data(sw, model_config(sw).vocab_size)
+        runners.append(make_variant(name, sw, initial_adapters(sw), sup, qry))
+    whole_sup, whole_qry = make_data(w, model_config(w).vocab_size)
+    whole = make_variant(name, w, initial_adapters(w), whole_sup, whole_qry)
+    h = model_config(w).hidden_size
+    a, b = torch.randn(h, h), torch.randn(h, h)
+    gemm_reps = max(1, int(2e9 / (2 * h ** 3)))   # about 2 GFLOP per thread
+
+    def gemms():
+        for _ in range(gemm_reps):
+            onednn_linear(a, b)
+    modes = {"alone": lambda: _one_thread_each([runners[0].step]),
+             "at once": lambda: _one_thread_each([r.step for r in runners]),
+             "whole": lambda: _timed(whole.step, n),
+             "gemm alone": lambda: _one_thread_each([gemms]),
+             "gemm at once": lambda: _one_thread_each([gemms] * n)}
+    for f in modes.values():   # warm-up
+        f()
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(repeats):
+        order = list(modes) if i % 2 == 0 else list(reversed(modes))
+        for m in order:
+            times[m].append(modes[m]())
+    torch.set_num_threads(n)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    print(f"\n{name}: the meta-batch in {n} shares of {share.num_tasks} tasks, one thread each "
+          f"(medians of {repeats} alternating rounds)")
+    print(f"  one share alone                  {med['alone']:7.3f} s")
+    print(f"  the {n} shares at once             {med['at once']:7.3f} s  "
+          f"{med['at once'] / med['alone']:5.3f}x alone")
+    print(f"  the whole batch on {n} threads     {med['whole']:7.3f} s  "
+          f"{med['whole'] / med['alone']:5.3f}x one share alone")
+    print(f"  {h}x{h} GEMMs at once against alone              "
+          f"{med['gemm at once'] / med['gemm alone']:5.3f}x")
+
+
+def _timed(fn: Callable[[], object], threads: int) -> float:
+    torch.set_num_threads(threads)   # MKL's setting is process-wide: the shares' threads set 1
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 REPLAY_RING = 8     # distinct inputs per input shape: the replay reads its inputs from memory
 
@@ -904,7 +982,7 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
           f"L={w.seq_len}, K={w.inner_steps}; {tokens} tokens/step")
     replays: dict[str, dict | None] = {}
 
-    def after_timing(name, runner):   # --profile, --breakdown, --ablate
+    def after_timing(name, runner):   # --profile, --breakdown, --ablate, --contention
         if not name.startswith("metakernels-"):
             return
         if args.profile:
@@ -915,6 +993,8 @@ def run_workload(w: Workload, variants: list[str], args, meta: dict) -> list[dic
             rate = max(max(r.values()) for r in rates)
             ablate_step(runner, name, args.repeats,
                         flop_floor(w, adapters, support, query) / rate)
+        if args.contention:
+            contention_step(w, name, args.repeats)
     if args.sequential:
         results = {}
         for name in variants:
@@ -1013,6 +1093,9 @@ def parse_args(argv=None):
     p.add_argument("--ablate", action="store_true",
                    help="print the metakernels steps' time with each non-GEMM kernel removed "
                         "and with all of them removed (wrong results, timing only), alternating")
+    p.add_argument("--contention", action="store_true",
+                   help="(metakernels variants) time the meta-batch's per-thread shares alone "
+                        "and at once, one thread each: what the cores cost each other")
     p.add_argument("--memory-runs", type=int,
                    help="fresh processes per variant whose median peak RSS is reported "
                         "(default 3; 1 with --quick)")

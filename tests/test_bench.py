@@ -190,3 +190,26 @@ def test_meta_step_breakdown_accounts_for_the_step(tmp_path):
     assert all(v >= 0 for v in lines.values()), lines
     assert lines["LoRA projections with their base GEMMs"] > 0 and lines["attention kernel"] > 0
     assert re.search(r"1 thread [\d.]+ s, 2 threads [\d.]+ s .*serial part at most", out)
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_meta_step_contention_times_the_shares_alone_and_at_once(tmp_path):
+    """--contention splits T=4 tasks into one share per thread (2 of 2 tasks) and prints each
+    timing with a positive time and ratio; with T not a multiple of the threads it says why it
+    does nothing instead."""
+    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "c.csv", "--variant",
+                   "metakernels-cpu", "--contention", "--threads", "2", "--repeats", "1",
+                   "--num-tasks", "4")
+    out = r.stdout
+    assert "the meta-batch in 2 shares of 2 tasks, one thread each" in out
+    alone = re.search(r"one share alone\s+([\d.]+) s", out)
+    at_once = re.search(r"the 2 shares at once\s+([\d.]+) s\s+([\d.]+)x alone", out)
+    whole = re.search(r"the whole batch on 2 threads\s+([\d.]+) s\s+([\d.]+)x", out)
+    gemm = re.search(r"GEMMs at once against alone\s+([\d.]+)x", out)
+    assert alone and at_once and whole and gemm, out
+    values = [float(m.group(i)) for m in (alone, at_once, whole, gemm)
+              for i in range(1, m.re.groups + 1)]
+    assert all(v > 0 for v in values), out
+    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "c.csv", "--variant",
+                   "metakernels-cpu", "--contention", "--threads", "2", "--repeats", "1")
+    assert "--contention needs 2 or more threads dividing T=3" in r.stdout

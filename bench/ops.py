@@ -11,6 +11,11 @@ reference is its math form (softmax of the masked scores, autograd), ``torch`` i
 library runs there (PyTorch's ``scaled_dot_product_attention``), ``cpu`` (and ``cpu-blas``, which
 has no GEMM library to switch) the kernel of ``csrc/attention.cpp``, [B, H, L, D] as the model
 calls it.
+``rms_norm``, ``swiglu`` and ``rotary`` are the fused layers' (``metakernels.fused``) as the model
+calls them (a frozen norm weight): the reference is the library's op-by-op form (Hugging Face's
+``LlamaRMSNorm``, ``F.silu(gate) * up``, ``apply_rotary_pos_emb``) under autograd, ``torch`` the
+memory-lean autograd functions in their torch forms, ``cpu`` (and ``cpu-blas``: no GEMM) the
+one-pass kernels of ``csrc/fused_layers.cpp``.
 Modes: ``forward``, ``backward`` (the backward of one retained forward graph) and ``full``
 (forward + backward); ``fused_update`` and ``meta_reduce`` have a forward only. Every provider is
 checked against the reference (outputs and every gradient) at the benchmark shape before it is
@@ -28,6 +33,12 @@ Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P a
     attention              GFLOP/s  causal, B sequences, H heads of D, length L: forward
                                     2 B H L^2 D, backward 4 B H L^2 D (as the meta-step's
                                     FLOP floor counts them)
+    rms_norm               GB/s     [N, d]: forward read x, write y (8Nd bytes); backward read
+                                    dy and x (or y), write dx (12Nd)
+    swiglu                 GB/s     [N, I] gate and up: forward 12NI bytes; backward read dh,
+                                    gate, up, write both gradients (20NI)
+    rotary                 GB/s     q and k [B, H, L, D]: read both, write both, forward and
+                                    backward alike (16 BHLD bytes)
     fused_update           GB/s     sgd: read fast, grad, write fast (12 TP bytes);
                                     adam: + read/write both moments (28 TP bytes)
     meta_reduce            GB/s     read T x P (+ theta for reptile), write P
@@ -37,6 +48,7 @@ Commands::
     python bench/ops.py                     # every op, every provider, every mode
     python bench/ops.py --op multi_lora_linear
     python bench/ops.py --op attention
+    python bench/ops.py --op rms_norm --op swiglu --op rotary
     python bench/ops.py --quick --csv /tmp/ops.csv
 """
 from __future__ import annotations
@@ -52,6 +64,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from metakernels import TaskLayout, backend  # noqa: E402
+from metakernels import fused  # noqa: E402
 from metakernels.fused import _AttentionFn  # noqa: E402
 from metakernels.gemm import gemm_library, use_gemm  # noqa: E402
 from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_reduce  # noqa: E402
@@ -59,7 +72,8 @@ from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linea
 from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref  # noqa: E402
 
 CHECK_RTOL = 1e-4   # relative (norm) error allowed against the reference, fp32
-OPS = ("multi_lora_linear", "segment_cross_entropy", "attention", "fused_update", "meta_reduce")
+OPS = ("multi_lora_linear", "segment_cross_entropy", "attention", "rms_norm", "swiglu", "rotary",
+       "fused_update", "meta_reduce")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -231,6 +245,95 @@ class AttentionCase:
                       lambda out: [out.detach(), q.grad, k.grad, v.grad])
 
 
+class _LayerCase:
+    """A fused layer (``metakernels.fused``): bound by memory, rated by the bytes an ideal kernel
+    moves (``nbytes``, forward and backward), the same for every provider. ``inputs`` are
+    cloned into leaves that require a gradient; ``apply`` (the reference) and ``apply_fused``
+    give the output (a tensor or a tuple) and ``grads`` are the gradients the backward gets.
+    Each backward stores the inputs' gradients instead of adding them to the last ones (their
+    ``.grad`` is cleared first), as the model's backward hands them on."""
+    metric, modes = "GB/s", ("forward", "backward", "full")
+
+    def __init__(self, config, inputs, grads, nbytes):
+        self.config, self.inputs, self.grads = config, inputs, grads
+        self._bytes = {"forward": nbytes[0], "backward": nbytes[1], "full": sum(nbytes)}
+
+    def work(self, mode, provider):
+        return self._bytes[mode]
+
+    def runner(self, provider):
+        leaves = [t.clone().requires_grad_(True) for t in self.inputs]
+        fn = self.apply if provider == "reference" else _dispatch(provider, self.apply_fused)
+
+        def as_tuple(out):
+            return out if isinstance(out, tuple) else (out,)
+        def backward(out):
+            for t in leaves:   # stored, not added: in the model these inputs are not leaves
+                t.grad = None
+            torch.autograd.backward(as_tuple(out), self.grads, retain_graph=True)
+        return Runner(lambda: fn(*leaves), backward,
+                      lambda out: [o.detach() for o in as_tuple(out)] + [t.grad for t in leaves])
+
+
+class RMSNormCase(_LayerCase):
+    op = "rms_norm"
+
+    def __init__(self, rows, dim, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.rand(dim, generator=g) + 0.5   # frozen, no zero: as the model's
+        self.eps = 1e-6
+        super().__init__(f"N={rows} d={dim}", [torch.randn(rows, dim, generator=g)],
+                         [torch.randn(rows, dim, generator=g)],
+                         (8 * rows * dim, 12 * rows * dim))
+
+    def apply(self, x):
+        return fused._rms_norm_ref(x, self.weight, self.eps)
+
+    def apply_fused(self, x):
+        return fused.rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLUCase(_LayerCase):
+    op = "swiglu"
+
+    def __init__(self, rows, inter, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(f"N={rows} I={inter}",
+                         [torch.randn(rows, inter, generator=g) for _ in range(2)],
+                         [torch.randn(rows, inter, generator=g)],
+                         (12 * rows * inter, 20 * rows * inter))
+
+    def apply(self, gate, up):
+        return F.silu(gate) * up
+
+    def apply_fused(self, gate, up):
+        return fused.swiglu(gate, up)
+
+
+class RotaryCase(_LayerCase):
+    op = "rotary"
+
+    def __init__(self, batch, heads, length, head_dim, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        # q and k as the projections give them: [B, L, H, D] transposed to [B, H, L, D]
+        qk = [torch.randn(batch, length, heads, head_dim, generator=g).transpose(1, 2)
+              for _ in range(2)]
+        angle = torch.rand(batch, length, head_dim // 2, generator=g) * 6.3
+        angle = torch.cat([angle, angle], -1)
+        self.cos, self.sin = angle.cos(), angle.sin()
+        n = batch * heads * length * head_dim
+        super().__init__(f"B={batch} H={heads} L={length} D={head_dim}", qk,
+                         [torch.randn(batch, heads, length, head_dim, generator=g)
+                          for _ in range(2)], (16 * n, 16 * n))
+
+    def apply(self, q, k):
+        cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
+        return fused._rotate(q, cos, sin), fused._rotate(k, cos, sin)
+
+    def apply_fused(self, q, k):
+        return fused.rotary(q, k, self.cos, self.sin)
+
+
 class _BankCase:
     """A forward-only op over a [T, P] fp32 bank, one row per task. It is bound by memory, so it
     is rated by the ``nbytes`` it must move, the same for every provider; ``variant`` (the
@@ -308,6 +411,14 @@ def cases(op: str, quick: bool) -> list:
         if quick:
             return [AttentionCase(2, 3, 17, 8)]
         return [AttentionCase(16, 8, 64, 64), AttentionCase(16, 8, 128, 64)]
+    if op == "rms_norm":   # the fewshot and large presets' hidden states
+        return [RMSNormCase(9, 48)] if quick else [RMSNormCase(1024, 512), RMSNormCase(2048, 512)]
+    if op == "swiglu":
+        return [SwiGLUCase(9, 80)] if quick else [SwiGLUCase(1024, 1376), SwiGLUCase(2048, 1376)]
+    if op == "rotary":
+        if quick:
+            return [RotaryCase(2, 3, 7, 8)]
+        return [RotaryCase(16, 8, 64, 64), RotaryCase(16, 8, 128, 64)]
     if op == "fused_update":
         shapes = [(3, 1000)] if quick else [(8, P_FEWSHOT), (32, P_FEWSHOT)]
         return [FusedUpdateCase(T, P, o) for T, P in shapes for o in ("sgd", "adam")]

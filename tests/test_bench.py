@@ -99,7 +99,8 @@ def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
     keys = [(r["op"], r["config"], r["provider"], r["mode"]) for r in rows]
     assert len(keys) == len(set(keys))
     assert {r["op"] for r in rows} == {"multi_lora_linear", "segment_cross_entropy",
-                                       "attention", "fused_update", "meta_reduce"}
+                                       "attention", "rms_norm", "swiglu", "rotary",
+                                       "fused_update", "meta_reduce"}
     providers = {"reference", *BACKENDS}
     if "cpu" in BACKENDS and gemm_library() == "onednn":
         providers.add("cpu-blas")
@@ -123,8 +124,9 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
                "--out-dir", tmp_path)
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert sum(n.startswith("meta_step_") for n in pngs) == 1
-    assert {f"ops_{op}.png" for op in ("multi_lora_linear", "segment_cross_entropy",
-                                       "fused_update", "meta_reduce")} <= set(pngs)
+    assert {f"ops_{op}.png" for op in ("multi_lora_linear", "segment_cross_entropy", "rms_norm",
+                                       "swiglu", "rotary", "fused_update",
+                                       "meta_reduce")} <= set(pngs)
     for n in pngs:
         assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -58,31 +58,34 @@ at::Tensor expand_table(const char* op, const char* name, const at::Tensor& t, c
   return e.expand(x.sizes());
 }
 
-// For every row (b, h, l) of D elements: out = f(x row, cos row, sin row), rows in parallel.
-template <typename RowFn>
-at::Tensor for_each_row(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                        RowFn row_fn) {
-  at::Tensor out = at::empty_like(x);
-  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
-  const float* xp = x.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const auto xs = x.strides(), cs = cos.strides(), ss = sin.strides(), os = out.strides();
-  at::parallel_for(0, B * H * L, kMinRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (H * L), h = (i / L) % H, l = i % L;
-      row_fn(xp + b * xs[0] + h * xs[1] + l * xs[2], cp + b * cs[0] + h * cs[1] + l * cs[2],
-             sp + b * ss[0] + h * ss[1] + l * ss[2], op + b * os[0] + h * os[1] + l * os[2],
-             D / 2);
-    }
-  });
-  return out;
+// The rows (b, h, l) of a [B, H, L, D] tensor x in x's memory order: its three row axes
+// sorted by stride, largest first (q and k are usually [B, L, H, D] buffers seen as
+// [B, H, L, D], so their rows run (b, l, h)), with the strides of x, cos, sin and the output
+// along them. Walking them in this order reads and writes each buffer front to back.
+struct RowOrder {
+  int64_t n[3];
+  int64_t xs[3], cs[3], ss[3], os[3];
+};
+
+RowOrder row_order(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& out) {
+  int64_t axes[3] = {0, 1, 2};
+  std::stable_sort(axes, axes + 3, [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  RowOrder r{};
+  for (int k = 0; k < 3; ++k) {
+    const int64_t a = axes[k];
+    r.n[k] = x.size(a);
+    r.xs[k] = x.stride(a);
+    r.cs[k] = cos.stride(a);
+    r.ss[k] = sin.stride(a);
+    r.os[k] = out.stride(a);
+  }
+  return r;
 }
 
 // x * cos + cat(-x2, x1) * sin for one row of 2h elements, each product rounded on its own.
-MK_TARGET_CLONES void rotary_row(const float* x, const float* c, const float* s, float* o,
-                                 int64_t h) {
+inline __attribute__((always_inline)) void rotary_row(const float* x, const float* c,
+                                                      const float* s, float* o, int64_t h) {
 #pragma omp simd
   for (int64_t j = 0; j < h; ++j) {
     const float a = x[j] * c[j];
@@ -98,16 +101,57 @@ MK_TARGET_CLONES void rotary_row(const float* x, const float* c, const float* s,
 }
 
 // The transpose of rotary_row: dy * cos + cat(dy2 * sin2, -dy1 * sin1).
-MK_TARGET_CLONES void rotary_bwd_row(const float* g, const float* c, const float* s, float* o,
-                                     int64_t h) {
+inline __attribute__((always_inline)) void rotary_bwd_row(const float* g, const float* c,
+                                                          const float* s, float* o, int64_t h) {
 #pragma omp simd
   for (int64_t j = 0; j < h; ++j) o[j] = g[j] * c[j] + g[j + h] * s[j + h];
 #pragma omp simd
   for (int64_t j = 0; j < h; ++j) o[j + h] = g[j + h] * c[j + h] - g[j] * s[j];
 }
 
-at::Tensor rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return for_each_row(x, cos, sin, rotary_row);
+// Rows [begin, end) of the order r, forward (bwd = false) or backward: the loop over rows is
+// inside the cloned function (one dispatch per chunk, not per row), the row's offsets kept by
+// counters instead of a division per row.
+MK_TARGET_CLONES void rotary_rows(const float* x, const float* c, const float* s, float* o,
+                                  const RowOrder& r, int64_t begin, int64_t end, int64_t h,
+                                  bool bwd) {
+  int64_t i0 = begin / (r.n[1] * r.n[2]), i1 = begin / r.n[2] % r.n[1], i2 = begin % r.n[2];
+  for (int64_t row = begin; row < end; ++row) {
+    const float* xr = x + i0 * r.xs[0] + i1 * r.xs[1] + i2 * r.xs[2];
+    const float* cr = c + i0 * r.cs[0] + i1 * r.cs[1] + i2 * r.cs[2];
+    const float* sr = s + i0 * r.ss[0] + i1 * r.ss[1] + i2 * r.ss[2];
+    float* orow = o + i0 * r.os[0] + i1 * r.os[1] + i2 * r.os[2];
+    if (bwd) {
+      rotary_bwd_row(xr, cr, sr, orow, h);
+    } else {
+      rotary_row(xr, cr, sr, orow, h);
+    }
+    if (++i2 == r.n[2]) {
+      i2 = 0;
+      if (++i1 == r.n[1]) {
+        i1 = 0;
+        ++i0;
+      }
+    }
+  }
+}
+
+// out = the rotary map of x (or its transpose, bwd) with the expanded cos/sin tables, in x's
+// memory layout; rows in parallel.
+at::Tensor rotary_map(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      bool bwd) {
+  at::Tensor out = at::empty_like(x);
+  const RowOrder r = row_order(x, cos, sin, out);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t h = x.size(3) / 2;
+  at::parallel_for(0, r.n[0] * r.n[1] * r.n[2], kMinRowsPerTask,
+                   [&](int64_t begin, int64_t end) {
+                     rotary_rows(xp, cp, sp, op, r, begin, end, h, bwd);
+                   });
+  return out;
 }
 
 // dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * gate * s, s = sigmoid(gate): the
@@ -238,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
               describe(q), " and k ", describe(k));
   const at::Tensor cq = expand_table(kOp, "cos", cos, q), sq = expand_table(kOp, "sin", sin, q);
   const at::Tensor ck = expand_table(kOp, "cos", cos, k), sk = expand_table(kOp, "sin", sin, k);
-  return {rotary_one(q, cq, sq), rotary_one(k, ck, sk)};
+  return {rotary_map(q, cq, sq, false), rotary_map(k, ck, sk, false)};
 }
 
 at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin) {
@@ -247,7 +291,7 @@ at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Ten
   MK_CHECK_CPU_FLOAT(cos);
   MK_CHECK_CPU_FLOAT(sin);
   const at::Tensor c = expand_table(kOp, "cos", cos, dy), s = expand_table(kOp, "sin", sin, dy);
-  return for_each_row(dy, c, s, rotary_bwd_row);
+  return rotary_map(dy, c, s, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,

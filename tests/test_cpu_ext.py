@@ -371,6 +371,29 @@ def test_rotary_bwd_is_the_transpose_of_the_forward(B, H, L, D, batch_tables):
     _close(ops.rotary_bwd(dy.transpose(1, 2).contiguous().transpose(1, 2), cos, sin), want)
 
 
+@pytest.mark.parametrize("layout", ["l-outermost", "sliced"])
+def test_rotary_walks_any_row_layout(layout):
+    """The kernels walk the rows in the input's memory order: q from an [L, H, B, D] buffer (the
+    row axes in another order than any projection gives), or a slice of a wider buffer (not
+    dense: the output then gets its own, contiguous, strides)."""
+    from metakernels.fused import _rotate
+    B, H, L, D = 3, 4, 9, 8
+    g = torch.Generator().manual_seed(3)
+    if layout == "l-outermost":
+        q = torch.randn(L, H, B, D, generator=g).permute(2, 1, 0, 3)
+    else:
+        q = torch.randn(B, L, H, 3 * D, generator=g)[..., D:2 * D].transpose(1, 2)
+    angles = torch.rand(B, 1, L, D, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    got, _ = ops.rotary_fwd(q, q, cos, sin)
+    assert _same_bits(got, _rotate(q, cos, sin))
+    dy = torch.randn(q.shape, generator=g)
+    dy = dy.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) if layout == "sliced" else dy
+    qr = q.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(_rotate(qr, cos, sin), qr, dy)
+    _close(ops.rotary_bwd(dy, cos, sin), want)
+
+
 def _rms_inputs(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 3

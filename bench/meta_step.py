@@ -94,7 +94,7 @@ from metakernels import Example, PackedBatch, backend, pack_tasks  # noqa: E402
 from metakernels.bank import AdapterBank  # noqa: E402
 from metakernels import fused as fused_module  # noqa: E402
 from metakernels.fused import apply_fused_layers  # noqa: E402
-from metakernels.gemm import onednn_linear, use_gemm  # noqa: E402
+from metakernels.gemm import onednn_available, onednn_linear, use_gemm  # noqa: E402
 from metakernels.batch import IGNORE_INDEX  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
 from metakernels.meta import InnerConfig, PeftAdapterIO, causal_lm_loss  # noqa: E402
@@ -839,9 +839,11 @@ def contention_step(w: Workload, name: str, repeats: int) -> None:
     a, b = torch.randn(h, h), torch.randn(h, h)
     gemm_reps = max(1, int(2e9 / (2 * h ** 3)))   # about 2 GFLOP per thread
 
+    gemm = onednn_linear if onednn_available() else (lambda x, y: x @ y.T)
+
     def gemms():
         for _ in range(gemm_reps):
-            onednn_linear(a, b)
+            gemm(a, b)
     modes = {"alone": lambda: _one_thread_each([runners[0].step]),
              "at once": lambda: _one_thread_each([r.step for r in runners]),
              "whole": lambda: _timed(whole.step, n),

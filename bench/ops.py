@@ -267,6 +267,7 @@ class _LayerCase:
 
         def as_tuple(out):
             return out if isinstance(out, tuple) else (out,)
+
         def backward(out):
             for t in leaves:   # stored, not added: in the model these inputs are not leaves
                 t.grad = None

@@ -1,12 +1,16 @@
 // Per-task masked token-mean cross-entropy and its gradient w.r.t. the hidden states, chunk by
 // chunk: the logits of at most chunk_size rows exist at any time, never the [N, V] matrix.
 //
-// For every chunk of rows:
+// Only the rows with a label take part (an ignored row has no loss and a zero gradient): where
+// some are ignored (the prompt tokens, a sequence's last token) they are gathered first and their
+// dh rows scattered back into zeros, so that neither GEMM spends anything on the others.
+//
+// For every chunk of (labelled) rows:
 //   logits = h_chunk @ W.T                    (in h's dtype, like the reference; ATen's GEMM, or
 //                                              oneDNN's for fp32 with onednn: gemm.h)
 //   one fused OpenMP loop over the rows, in place in the fp32 chunk buffer:
 //     lse = logsumexp(logits_i); ce_i = lse - logits_i[label_i]
-//     dlogits_i = (softmax(logits_i) - onehot(label_i)) / count[task(i)]   (0 if ignored)
+//     dlogits_i = (softmax(logits_i) - onehot(label_i)) / count[task(i)]
 //   dh_chunk = dlogits @ W                     (ATen's GEMM written straight into dh, or oneDNN's)
 // The per-row losses are added per task in row order afterwards (deterministic).
 // For bf16/fp16 h the logits are rounded to h's dtype before the softmax and dlogits before the
@@ -50,18 +54,12 @@ MK_TARGET_CLONES float xent_row(float* z, int64_t V, int64_t label, float ic) {
   return mx + std::log(sum) - z_label;
 }
 
-// Every row of logits [rows, V], in parallel; row_loss[i] = its cross-entropy (0 if ignored).
+// Every row of logits [rows, V] (all labelled), in parallel; row_loss[i] = its cross-entropy.
 void xent_rows(float* logits, int64_t rows, int64_t V, const int64_t* labels,
                const float* inv_count, float* row_loss) {
 #pragma omp parallel for schedule(static) if (rows * V >= kMinParallelElems)
   for (int64_t i = 0; i < rows; ++i) {
-    float* z = logits + i * V;
-    if (labels[i] == kIgnoreIndex) {
-      std::fill(z, z + V, 0.0f);
-      row_loss[i] = 0.0f;
-    } else {
-      row_loss[i] = xent_row(z, V, labels[i], inv_count[i]);
-    }
+    row_loss[i] = xent_row(logits + i * V, V, labels[i], inv_count[i]);
   }
 }
 
@@ -107,12 +105,36 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
     for (int64_t i = seg.start(t); i < seg.start(t) + seg.size(t); ++i) row_inv_count[i] = ic;
   }
 
-  const int64_t C = std::min(chunk_size, N);
+  // The labelled rows, in order; hs, labs and rics are theirs (h's own where all are labelled).
+  std::vector<int64_t> kept;
+  kept.reserve(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) {
+    if (lab[i] != kIgnoreIndex) kept.push_back(i);
+  }
+  const int64_t M = static_cast<int64_t>(kept.size());
+  const bool every_row = M == N;
+  at::Tensor idx, hs = h;
+  std::vector<int64_t> lab_kept;
+  std::vector<float> ric_kept;
+  if (!every_row) {
+    idx = at::from_blob(kept.data(), {M}, at::kLong).clone();
+    hs = h.index_select(0, idx);
+    lab_kept.resize(static_cast<size_t>(M));
+    ric_kept.resize(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) {
+      lab_kept[r] = lab[kept[r]];
+      ric_kept[r] = row_inv_count[kept[r]];
+    }
+  }
+  const int64_t* labs = every_row ? lab : lab_kept.data();
+  const float* rics = every_row ? row_inv_count.data() : ric_kept.data();
+
+  const int64_t C = std::min(chunk_size, M);
   const bool low_precision = h.scalar_type() != at::kFloat;
   // oneDNN's matmul returns new tensors: each chunk's logits and dh rows are its outputs (dh's
   // rows copied in, unless one chunk covers them all) instead of preallocated buffers.
-  onednn = onednn && !low_precision && C > 0 && onednn_gemm_applies(h, W);
-  at::Tensor dh = onednn && C == N ? at::Tensor() : at::empty({N, d}, h.options());
+  onednn = onednn && !low_precision && C > 0 && onednn_gemm_applies(hs, W);
+  at::Tensor dh = onednn && C == M ? at::Tensor() : at::empty({M, d}, h.options());
   std::vector<double> task_sum(T, 0.0);
   if (C > 0) {
     at::Tensor logits = onednn ? at::Tensor() : at::empty({C, V}, h.options().dtype(at::kFloat));
@@ -120,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
     const at::Tensor Wt = W.t();
     std::vector<float> row_loss(C);
     int64_t t = 0;  // task of the current row
-    for (int64_t c0 = 0; c0 < N; c0 += C) {
-      const int64_t rows = std::min(C, N - c0);
-      const at::Tensor h_c = h.narrow(0, c0, rows);
+    for (int64_t c0 = 0; c0 < M; c0 += C) {
+      const int64_t rows = std::min(C, M - c0);
+      const at::Tensor h_c = hs.narrow(0, c0, rows);
       at::Tensor lg;
       if (onednn) {
         lg = linear_nt(h_c, W, std::nullopt, true);
@@ -135,11 +157,10 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
         lg = logits.narrow(0, 0, rows);
         at::mm_out(lg, h_c, Wt);
       }
-      xent_rows(lg.data_ptr<float>(), rows, V, lab + c0, row_inv_count.data() + c0,
-                row_loss.data());
+      xent_rows(lg.data_ptr<float>(), rows, V, labs + c0, rics + c0, row_loss.data());
       if (onednn) {
         at::Tensor dh_c = linear_nt(lg, Wt, std::nullopt, true);
-        if (C == N) {
+        if (C == M) {
           dh = dh_c;
         } else {
           dh.narrow(0, c0, rows).copy_(dh_c);
@@ -154,10 +175,16 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
         at::mm_out(dh_c, lg, W);
       }
       for (int64_t i = 0; i < rows; ++i) {
-        while (seg.offsets[t + 1] <= c0 + i) ++t;
+        const int64_t row = every_row ? c0 + i : kept[c0 + i];
+        while (seg.offsets[t + 1] <= row) ++t;
         task_sum[t] += row_loss[i];
       }
     }
+  }
+  if (!every_row) {   // the ignored rows' gradient is 0
+    at::Tensor full = at::zeros({N, d}, h.options());
+    if (M > 0) full.index_copy_(0, idx, dh);
+    dh = full;
   }
   at::Tensor loss = at::empty({T}, h.options().dtype(at::kFloat));
   float* l = loss.data_ptr<float>();

@@ -296,6 +296,32 @@ def test_segment_cross_entropy_fp32(layout_name, chunk, onednn):
             assert loss[t] == 0 and not dh[s:e].any()
 
 
+@pytest.mark.parametrize("labelled", ["every row", "no row"])
+@pytest.mark.parametrize("chunk", [5, 1000])
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_segment_cross_entropy_every_or_no_row_labelled(labelled, chunk, onednn):
+    """The kernel gathers the labelled rows where some are ignored: with none ignored it runs on
+    h itself, and with all ignored it has no row to run (zero losses, zero gradient)."""
+    sizes = [7, 0, 12, 4]
+    h, W, _ = _ce_inputs(sizes, 19, 37, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    labels = (torch.randint(0, 37, (sum(sizes),), generator=g) if labelled == "every row"
+              else torch.full((sum(sizes),), -100))
+    layout = TaskLayout.from_sizes(sizes)
+    h64 = h.double().requires_grad_()
+    want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
+    (dh_want,) = torch.autograd.grad(want.sum(), h64)
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk,
+                                             onednn)
+    assert dh.shape == h.shape
+    _close(loss, want.detach())
+    _close(dh, dh_want)
+    if labelled == "no row":
+        assert not loss.any() and not dh.any()
+    else:
+        assert (loss[[0, 2, 3]] > 0).all() and dh.abs().sum(1).gt(0).all()
+
+
 def _within_fp32_error(got, want64, ref32, factor=4.0):
     """flash-attention's rule: the kernel errs against the fp64 reference at most ``factor``
     times as much as the plain-PyTorch fp32 reference does (plus a few ulps of the scale)."""

@@ -43,10 +43,12 @@ just before the step, of a fresh process that runs that variant alone
 ``ru_maxrss`` without the parent's RSS that ``ru_maxrss`` inherits across ``exec``).
 
 FLOP floor (DESIGN.md, "Performance: how to measure"), per token of every forward/backward:
-2P forward + 2P input gradient of the frozen linear weights (P: every linear layer including the
-output layer, not the embedding), plus 6 r (in + out) per adapted layer (LoRA forward, dx and
-dA, dB), plus causal attention 6 L^2 d_attn per sequence and layer (2 forward, 4 backward as
-flash-attention counts them), divided by the best fp32 GEMM rate of a square product at the
+2P forward + 2P input gradient of the frozen linear weights (P: every linear layer, not the
+embedding), except that the output layer counts only on the tokens with a label (a token
+without one has no loss: its logits are not needed) and the first layer's q, k and v have no
+input gradient (they read the frozen embeddings), plus 6 r (in + out) per adapted layer (LoRA
+forward, dx and dA, dB), plus causal attention 6 L^2 d_attn per sequence and layer (2 forward,
+4 backward as flash-attention counts them), divided by the best fp32 GEMM rate of a square product at the
 model's hidden size, measured in the same run, of the faster of the two GEMM libraries the cpu
 backend can use (``torch.mm``, i.e. MKL, and oneDNN: ``metakernels.gemm``). It is the floor of
 the LoRA meta-step; naive-full does more work (weight gradients), and its ratio says so.
@@ -521,7 +523,10 @@ def flop_floor(w: Workload, adapters: AdapterBank, support: PackedBatch,
     """FLOPs of the LoRA meta-step at best (see the module docstring)."""
     model = ghost_model(w)
     cfg = model.config
-    p_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    head = model.get_output_embeddings()
+    p_body = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, nn.Linear) and m is not head)
+    p_first = sum(m.weight.numel() for m in first_layer_inputs(model))
     lora = sum(6 * s.rank * (s.in_features + s.out_features) for s in adapters.slots)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     d_attn = cfg.num_attention_heads * head_dim
@@ -529,9 +534,21 @@ def flop_floor(w: Workload, adapters: AdapterBank, support: PackedBatch,
     for batch, times in ((support, w.inner_steps), (query, 1)):
         lens = batch.attention_mask.sum(1).double()
         tokens = float(lens.sum())
+        labelled = float((batch.labels != IGNORE_INDEX).sum())
         attn = float((lens ** 2).sum()) * 6 * d_attn * cfg.num_hidden_layers
-        total += times * (tokens * (4 * p_linear + lora) + attn)
+        total += times * (tokens * (4 * p_body - 2 * p_first + lora)
+                          + labelled * 4 * head.weight.numel() + attn)
     return total
+
+
+def first_layer_inputs(model: nn.Module) -> list[nn.Linear]:
+    """The linear layers that read the first decoder layer's normed input, the frozen
+    embeddings: q, k and v of its attention (Llama-family names), which need no input gradient.
+    Empty where the model has no such layer."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    return [m for name in ("q_proj", "k_proj", "v_proj")
+            if isinstance(m := getattr(attn, name, None), nn.Linear)]
 
 
 def tokens_per_step(w: Workload, support: PackedBatch, query: PackedBatch) -> int:

@@ -215,3 +215,33 @@ def test_meta_step_contention_times_the_shares_alone_and_at_once(tmp_path):
     r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "c.csv", "--variant",
                    "metakernels-cpu", "--contention", "--threads", "2", "--repeats", "1")
     assert "--contention needs 2 or more threads dividing T=3" in r.stdout
+
+
+def test_flop_floor_counts_what_the_step_needs():
+    """The floor's FLOPs, by hand for a tiny Llama: every linear's forward and input gradient
+    per token, but the output layer only on the labelled tokens and no input gradient for the
+    first layer's q, k and v (they read the frozen embeddings); the LoRA and attention terms."""
+    import dataclasses
+    sys.path.insert(0, str(BENCH))
+    try:
+        import meta_step as ms
+    finally:
+        sys.path.remove(str(BENCH))
+    w = dataclasses.replace(ms.check_workloads(ms.Workload())[1], inner_steps=3)
+    adapters = ms.initial_adapters(w)
+    support, query = ms.make_data(w, w.vocab_size)
+    d, inter, V, n_layers = w.hidden_size, w.intermediate_size, w.vocab_size, w.num_layers
+    kv = d // w.num_heads * w.num_kv_heads
+    layer = d * d + 2 * kv * d + d * d + 3 * d * inter        # q, k, v, o, gate, up, down
+    first_qkv = d * d + 2 * kv * d
+    lora = 6 * w.rank * ((d + d) + (d + kv) + (d + kv) + (d + d)) * n_layers
+    want = 0.0
+    for batch, times in ((support, w.inner_steps), (query, 1)):
+        lens = batch.attention_mask.sum(1).double()
+        tokens = float(lens.sum())
+        labelled = float((batch.labels != ms.IGNORE_INDEX).sum())
+        assert 0 < labelled < tokens
+        attn = float((lens ** 2).sum()) * 6 * d * n_layers
+        want += times * (tokens * (4 * n_layers * layer - 2 * first_qkv + lora)
+                         + labelled * 4 * V * d + attn)
+    assert ms.flop_floor(w, adapters, support, query) == pytest.approx(want, rel=1e-12)

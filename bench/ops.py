@@ -28,8 +28,9 @@ Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P a
     segment_cross_entropy  GFLOP/s  forward 2NdV (logits), backward 2NdV (dh), as the reference
                                     (and the torch backend, which is the reference) does them.
                                     The fused kernel (cpu) computes dh in the forward,
-                                    never keeping the logits: its forward counts 4NdV and its
-                                    backward N d (a row scaling). Compare providers on ``full``.
+                                    never keeping the logits, on the M labelled rows only: its
+                                    forward counts 4MdV and its backward N d (a row scaling).
+                                    Compare providers on ``full`` (and by time).
     attention              GFLOP/s  causal, B sequences, H heads of D, length L: forward
                                     2 B H L^2 D, backward 4 B H L^2 D (as the meta-step's
                                     FLOP floor counts them)
@@ -192,12 +193,14 @@ class SegmentCrossEntropyCase:
         self.dloss = torch.rand(T, generator=g) + 0.5
         self.config = f"N={N} d={hidden} V={vocab} T={T}"
         self.sizes = (N, hidden, vocab)
+        self.labelled = int((self.labels != -100).sum())
 
     def work(self, mode, provider):
         N, d, V = self.sizes
-        if provider_backend(provider) == "cpu":   # fused: dh computed in the forward
-            return {"forward": 4 * N * d * V, "backward": N * d,
-                    "full": 4 * N * d * V + N * d}[mode]
+        if provider_backend(provider) == "cpu":   # fused: dh computed in the forward,
+            M = self.labelled                      # on the labelled rows only
+            return {"forward": 4 * M * d * V, "backward": N * d,
+                    "full": 4 * M * d * V + N * d}[mode]
         return {"forward": 2 * N * d * V, "backward": 2 * N * d * V, "full": 4 * N * d * V}[mode]
 
     def runner(self, provider):

@@ -101,11 +101,11 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_finite_rows_is_isfinite_all(dtype):
     """finite_rows says exactly what isfinite(x).all(1) says: NaN, +inf and -inf anywhere in a
-    row, alone or together, make it False; the largest finite values (whose squares overflow
-    fp32, and fp64 for fp64 rows) and zeros keep it True; a row of no values is finite."""
+    row, alone or together, make it False; rows of the largest finite values (whose sums
+    overflow, in any dtype) and zeros keep it True; a row of no values is finite."""
     from metakernels.meta.common import finite_rows
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 1001, generator=g, dtype=dtype)

@@ -78,8 +78,7 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     ok = torch.isfinite(x.sum(dim=1, dtype=acc))
     if not bool(ok.all()):
-        bad = (~ok).nonzero().squeeze(1)
-        ok[bad] = torch.isfinite(x[bad]).all(dim=1)
+        ok[~ok] = torch.isfinite(x[~ok]).all(dim=1)
     return ok
 
 

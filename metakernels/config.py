@@ -85,6 +85,9 @@ class TrainerConfig:
     device: str = "cpu"
     max_nonfinite_steps: int = 5
     progress_bar: bool = True
+    # under torchrun: the frozen base's parameters sharded over the processes with FSDP2
+    # (each holds 1/N of them), the tasks still split (metakernels/distributed.py)
+    shard_base: bool = False
 
 
 @dataclass
@@ -305,6 +308,9 @@ def validate(cfg: Config) -> None:
         if tr.backend not in ("auto", "torch"):
             raise ConfigError(f"trainer.backend={tr.backend}: maml runs on the torch reference "
                               f"backend (the kernels have no double backward)")
+    if tr.shard_base and me.algorithm not in ("fomaml", "reptile"):
+        raise ConfigError(f"trainer.shard_base: runs fomaml and reptile, not {me.algorithm} "
+                          f"(every process must run the same passes through the sharded base)")
     if me.algorithm == "reptile" and me.num_inner_steps == 0:
         raise ConfigError("meta.num_inner_steps: reptile needs at least one inner step")
 

@@ -65,6 +65,94 @@ def check_same_config(cfg: Config, bank) -> None:
                           f"configs (or models); every process must get the same config")
 
 
+def check_shardable(cfg: Config, world_size: int) -> None:
+    """Raises unless ``trainer.shard_base`` can run: several processes, and as many passes
+    through the base per meta-step in each (``meta.task_chunk`` runs a process's share of the
+    tasks in ceil(share / chunk) passes, so the shares must give equal counts)."""
+    if world_size < 2:
+        raise ConfigError("trainer.shard_base=true needs several processes: start the run with "
+                          "torchrun --nproc_per_node=N, N >= 2")
+    T, chunk = cfg.meta.meta_batch_size, cfg.meta.task_chunk
+    shares = [T * (r + 1) // world_size - T * r // world_size for r in range(world_size)]
+    passes = {-(-n // chunk) if 0 < chunk < n else 1 for n in shares}
+    if len(passes) > 1:
+        raise ConfigError(f"meta.task_chunk={chunk}: the processes' shares of the "
+                          f"{T} tasks ({shares}) take different numbers of chunks "
+                          f"({sorted(passes)}); with trainer.shard_base every process must run "
+                          f"the same passes through the sharded base. Choose a task_chunk that "
+                          f"splits every share into as many chunks, or 0")
+
+
+def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str, int]:
+    """Shards the frozen base over the processes with FSDP2 (``trainer.shard_base``); returns
+    ``{"param_bytes": ..., "local_param_bytes": ..., "max_local_param_bytes": ...}``: the base's
+    parameters in all, this process's share and the largest share of any process.
+
+    ``fully_shard`` is applied to each decoder layer (the model's ``_no_split_modules``) and then
+    to ``model.base_model`` (embeddings and final norm), the root: every parameter of the base
+    model becomes a dim-0 shard (a DTensor), all-gathered around its module's forward and again
+    before its backward. Decoder layers free their gathered weights after the forward
+    (``reshard_after_forward``): the autograd functions of ``multi_lora_linear`` and of
+    ``metakernels.fused`` keep the gathered weight for the backward, and FSDP2 re-gathers into
+    that same storage before the layer's backward (the pre-backward hook on the layer's outputs,
+    which require grad through the adapters), so what they kept is valid again when used.
+
+    Not sharded: the output layer, whose weight the loss (``segment_cross_entropy``) reads
+    directly instead of calling the layer (FSDP2 gathers a module's parameters around its
+    forward only), so a tied input embedding is left whole too; buffers (rotary frequencies); the
+    adapter bank, which is no module of the model (its flat buffers stay whole in every process).
+
+    Every process issues the same collectives in the same order whatever its share of the tasks:
+    one all-gather per module per forward and one per decoder layer per backward, and each
+    process runs the same passes per meta-step (K support steps and one query pass; the frozen
+    parameters get no gradient, so nothing is reduce-scattered).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    check_shardable(cfg, world_size)
+    base = model.base_model
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size,))
+    layer_types = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise ValueError(f"trainer.shard_base: found no decoder layers in {type(model).__name__} "
+                         f"(no module of the classes {sorted(layer_types)} it names in "
+                         f"_no_split_modules)")
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    out = model.get_output_embeddings()
+    tied = {out.weight} if out is not None and any(
+        p is out.weight for p in base.parameters()) else None
+    fully_shard(base, mesh=mesh, ignored_params=tied)
+    local = local_param_bytes(model)
+    largest = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return {"param_bytes": total, "local_param_bytes": local,
+            "max_local_param_bytes": int(largest)}
+
+
+def describe_sharding(mem: dict[str, int], world_size: int) -> str:
+    mb = 1 << 20
+    return (f"shard_base: {mem['param_bytes'] / mb:.1f} MB of base parameters sharded over "
+            f"{world_size} processes: {mem['max_local_param_bytes'] / mb:.1f} MB in the largest "
+            f"share (this process {mem['local_param_bytes'] / mb:.1f} MB)")
+
+
+def local_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters held by this process: a sharded parameter's local shard,
+    every other parameter whole."""
+    from torch.distributed.tensor import DTensor
+
+    n = 0
+    for p in model.parameters():
+        t = p.to_local() if isinstance(p, DTensor) else p
+        n += t.numel() * t.element_size()
+    return n
+
+
 @dataclass
 class Reduced:
     meta_grad: torch.Tensor            # [P], mean over the kept tasks of the whole meta-batch

@@ -217,6 +217,10 @@ class Trainer:
             self.peft_model = make_peft_model(oracle_base, self.bank)
             self.peft_io = PeftAdapterIO(self.peft_model, self.bank.slots)
         dist.check_same_config(cfg, self.bank)
+        if cfg.trainer.shard_base:
+            mem = dist.shard_base(self.model, cfg, self.world_size)
+            if self.is_main:
+                print(dist.describe_sharding(mem, self.world_size), flush=True)
         self.optimizer = torch.optim.AdamW([self.bank.theta], lr=cfg.meta.outer_lr,
                                            weight_decay=cfg.meta.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))

@@ -60,12 +60,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a checkpoint directory or file."""
+    from safetensors import SafetensorError, safe_open
+
+    from .cli import UserError
+
     path = Path(path)
     file = path / FILE if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no checkpoint at {file}")
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("metakernels", "{}"))
-    return load_file(str(file)), meta
+        raise UserError(f"{file}: no such checkpoint file; give a run directory "
+                        f"(runs/<experiment_name>) or one of its checkpoints/step_* directories")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("metakernels", "{}"))
+        return load_file(str(file)), meta
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: not a readable checkpoint ({e}); give a checkpoint that "
+                        f"python -m metakernels.train wrote") from None

@@ -48,6 +48,7 @@ import torch
 from .bank import AdapterBank
 from .batch import IGNORE_INDEX, Example, PackedBatch, pack_tasks
 from .checkpoint import load_checkpoint
+from .cli import UserError, check_output_dir
 from .config import Config, ConfigError, config_from_dict, load_config
 from .layout import TaskLayout
 from .lora import inject
@@ -745,8 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_dir(args.output_dir, "--output-dir")
         run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (UserError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

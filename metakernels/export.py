@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .cli import UserError, check_output_dir, command
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -24,11 +25,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoints").is_dir():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path}: the run has no complete checkpoint")
+            raise UserError(f"{path}: the run has no complete checkpoint yet (one is written "
+                            f"every trainer.save_every steps and at the end)")
         return ckpt
     if path.exists():
         return path
-    raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
+    raise UserError(f"{path}: no such run directory or checkpoint; give a run directory "
+                    f"(runs/<experiment_name>) or one of its checkpoints/step_* directories")
 
 
 def peft_tensors(theta: torch.Tensor, slots, prefix: str = "base_model.model.") -> dict:
@@ -65,7 +68,11 @@ def write_peft_adapter(out_dir: str | Path, theta: torch.Tensor, slots, rank: in
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    tensors, meta = load_checkpoint(resolve_checkpoint(checkpoint))
+    ckpt = resolve_checkpoint(checkpoint)
+    tensors, meta = load_checkpoint(ckpt)
+    if not {"config", "slots", "rank", "alpha"} <= meta.keys() or "theta" not in tensors:
+        raise UserError(f"{ckpt}: not a checkpoint of python -m metakernels.train (no adapter "
+                        f"layout in its metadata)")
     model_cfg = meta["config"]["model"]
     slots = [(n, fin, fout, meta["rank"]) for n, fin, fout in meta["slots"]]
     return write_peft_adapter(out_dir, tensors["theta"], slots, meta["rank"], meta["alpha"],
@@ -84,12 +91,17 @@ def load_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(file))
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m metakernels.export", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
     p.add_argument("--output", required=True, help="directory for the PEFT adapter")
     args = p.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.output)
+    check_output_dir(args.output, "--output")
+    try:
+        out = export_checkpoint(args.checkpoint, args.output)
+    except UserError as e:
+        raise UserError(f"--checkpoint {e}") from None
     cfg = json.loads((out / "adapter_config.json").read_text())
     print(f"wrote PEFT adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, "
           f"{len(cfg['target_modules'])} modules) to {out}")

@@ -23,6 +23,7 @@ import torch
 from . import backend as _backend
 from . import gemm as _gemm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .cli import UserError, check_model_path, check_paths, command
 from .config import Config, ConfigError, dump_config, load_config
 from .lora import inject
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
@@ -48,12 +49,13 @@ def set_kernel_choices(cfg: Config) -> None:
 def build_tokenizer(cfg: Config):
     from .data.tokenizer import load_tokenizer
 
+    check_model_path(cfg.model.path)
     return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def build_tasks(cfg: Config, tokenizer, split: str = "train"):
     """The training (or held-out) tasks named by ``data.tasks``."""
-    from .data.loader import load_task_dir
+    from .data.loader import DataError, load_task_dir
     from .data.tasks import builtin_tasks
 
     d = cfg.data
@@ -62,9 +64,14 @@ def build_tasks(cfg: Config, tokenizer, split: str = "train"):
     root = Path(d.tasks)
     if split != "train":
         root = root.parent / f"{root.name}_{split}" if not (root / split).is_dir() else root / split
-    return load_task_dir(root, tokenizer, max_length=d.max_length, truncation=d.truncation,
-                         apply_chat_template=d.apply_chat_template, prompt_key=d.prompt_key,
-                         response_key=d.response_key, skip_bad=d.skip_bad_rows)
+    try:
+        return load_task_dir(root, tokenizer, max_length=d.max_length, truncation=d.truncation,
+                             apply_chat_template=d.apply_chat_template, prompt_key=d.prompt_key,
+                             response_key=d.response_key, skip_bad=d.skip_bad_rows)
+    except DataError as e:
+        if split == "train":  # the held-out split is optional: its caller handles DataError
+            raise UserError(f"data.tasks={d.tasks}: {e}") from None
+        raise
 
 
 def build_model(cfg: Config, vocab_size: int):
@@ -329,9 +336,10 @@ class Trainer:
             return False
         tensors, meta = load_checkpoint(ckpt)
         if tensors["theta"].shape != self.bank.theta.shape:
-            raise ValueError(f"{ckpt}: theta has {tensors['theta'].numel()} values, this run's "
-                             f"adapters have {self.bank.num_params} (model or LoRA settings "
-                             f"differ from the checkpoint's)")
+            raise UserError(f"trainer.resume=true: {ckpt} has {tensors['theta'].numel()} adapter "
+                            f"values, this run's adapters have {self.bank.num_params} (model or "
+                            f"LoRA settings differ from the checkpoint's); use the checkpoint's "
+                            f"settings, or another trainer.experiment_name for a new run")
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
         if "outer/exp_avg" in tensors:
@@ -423,13 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
     trainer = Trainer(cfg)
     from . import distributed as dist
     try:

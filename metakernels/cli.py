@@ -12,6 +12,7 @@ than after the model is built, and never reaches a library that would read it as
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -88,15 +89,18 @@ def check_paths(cfg) -> None:
     check_task_dir(cfg.data.tasks)
 
 
-def check_output_dir(path: str, flag: str) -> Path:
-    """Creates the directory ``path`` (or accepts an existing one) for a command's output."""
+def check_output_dir(path: str, flag: str) -> None:
+    """``path`` must be an existing directory or one that can be created; nothing is created
+    here, so a command that fails later leaves no empty directory behind."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path}: a file is there, not a directory; give a new or "
                         f"existing directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create the directory ({e.strerror}); give a "
-                        f"writable directory") from None
-    return p
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, so the directory cannot be "
+                        f"created; give another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable; give a writable directory")

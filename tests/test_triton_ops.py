@@ -4,15 +4,12 @@ Every output and every gradient is compared with an oracle (fp64 where the refer
 else fp32 on upcast inputs). Tolerance, flash-attention style, keyed by dtype through torch
 itself: the kernel may err at most twice as much as the torch reference does at the same dtype,
 plus an fp32 rounding floor (so fp32 stays tight and bf16/fp16 are judged against what bf16/fp16
-torch achieves). Shapes are small and odd: the interpreter is slow.
+torch achieves). Shapes are small and odd: the interpreter is slow. That the kernels compile
+for sm_80/sm_90, and use the tensor cores there, is ``tests/test_triton_compile.py``.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -38,29 +35,26 @@ from metakernels.ops._triton import segment_cross_entropy as tri_ce  # noqa: E40
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # tasks x rows, as in punica's tests; then ragged with an empty task
 LAYOUTS = {"1x7": [7], "7x1": [1] * 7, "3x3": [3, 3, 3], "ragged_empty": [4, 0, 5, 2]}
-# segments longer than one row tile (32), so the kernels' row loops take several iterations
+# segments longer than the row tiles (16 rows of the shrink at these sizes, 32 rows per step
+# of the segment-outer loop), so the kernels' row loops take several iterations
 LONG_LAYOUT = [40, 0, 35]
 FLOOR_ATOL, FLOOR_RTOL = 1e-5, 1.3e-6  # torch.testing's fp32 tolerances
-# The interpreter converts fp32 -> bf16 by truncation where a GPU rounds to nearest even, so a
-# kernel's bf16 store may be off by one bf16 ulp more than on a GPU; fp16 casts are exact.
-INTERPRETER_ULPS = {torch.bfloat16: 1.0} if backend.triton_interpreted() else {}
 
 
-def assert_close_like_torch(name, out, ref, oracle):
-    """``out`` (kernel) and ``ref`` (torch at the same dtype) against the high-precision
-    ``oracle``: every element of out within 2 x torch's max error + the fp32 floor (+ one ulp
-    of out's dtype where the interpreter truncates)."""
-    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, torch gives {ref.dtype}"
+def assert_close_like_torch(name, out, ref, oracle, dtype=None):
+    """``out`` (kernel) and ``ref`` (plain torch at the kernel's working precision) against the
+    high-precision ``oracle``: every element of out within 2 x torch's max error + the fp32
+    floor. ``out`` must have ``dtype`` (default: ref's). (Under the interpreter, bf16 rounds as
+    on a GPU: see ``metakernels/ops/_triton/__init__.py``.)"""
+    want = ref.dtype if dtype is None else dtype
+    assert out.dtype == want, f"{name}: dtype {out.dtype}, the torch backend gives {want}"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, torch gives {tuple(ref.shape)}"
     if out.numel() == 0:
         return
     oracle = oracle.double()
     torch_err = (ref.double() - oracle).abs().max().item()
     err = (out.double() - oracle).abs()
-    rtol = FLOOR_RTOL
-    if out.dtype in INTERPRETER_ULPS:
-        rtol += INTERPRETER_ULPS[out.dtype] * torch.finfo(out.dtype).eps
-    bad = err > 2 * torch_err + FLOOR_ATOL + rtol * oracle.abs()
+    bad = err > 2 * torch_err + FLOOR_ATOL + FLOOR_RTOL * oracle.abs()
     assert not bad.any(), (f"{name} ({out.dtype}): max error {err.max().item():.3g} vs "
                            f"torch's {torch_err:.3g}; first bad element {bad.nonzero()[0].tolist()}")
 
@@ -116,9 +110,18 @@ def _f64(t):
     return None if t is None else t.double()
 
 
+def _zeros_like_views(dA, dB, dtype):
+    return (torch.zeros(dA.shape, dtype=dtype), torch.zeros(dB.shape, dtype=dtype))
+
+
+# Ranks 1 and 3 are padded to a 16-wide tile, 16 fills it, 33 takes the 64 block, 70 two tiles
+# (or two steps of the rank loop).
 _LORA_CASES = ([(sizes, rank, dtype, base) for sizes in LAYOUTS.values() for rank in (1, 3, 16)
                 for dtype in DTYPES for base in (True, False)]
-               + [(LONG_LAYOUT, rank, torch.float32, True) for rank in (1, 3, 16)])
+               + [(LAYOUTS["ragged_empty"], rank, dtype, True) for rank in (33, 70)
+                  for dtype in (torch.float32, torch.bfloat16)]
+               + [(LONG_LAYOUT, rank, dtype, True) for rank in (1, 3, 16)
+                  for dtype in (torch.float32, torch.bfloat16)])
 
 
 def _lora_case_id(case):
@@ -127,34 +130,78 @@ def _lora_case_id(case):
     return f"{name}-r{rank}-{str(dtype).split('.')[-1]}-{'base' if base else 'lora_only'}"
 
 
-@pytest.mark.parametrize("sizes,rank,dtype,with_base", _LORA_CASES,
-                         ids=[_lora_case_id(c) for c in _LORA_CASES])
-def test_multi_lora_linear_kernels(sizes, rank, dtype, with_base):
-    layout, x, W, b, A, B = _lora_inputs(sizes, rank, dtype, with_base)
-    T, scale = layout.num_tasks, 1.7
+def _check_lora_kernels(layout, x, W, b, A, B, scale=1.7):
+    """fwd and bwd of the kernels against ``_torch_fwd``/``_torch_bwd``: dtypes as the torch
+    backend gives them, values within twice the error of plain PyTorch at the activations'
+    dtype (the adapters rounded to it too, as the kernels' products are) against fp64."""
+    T, rank, dtype = layout.num_tasks, A.shape[-1], x.dtype
+    lo = dict(A=A.to(dtype), B=B.to(dtype))
     y, xa = tri_lora.fwd(x, W, b, A, B, layout, scale)
     y_ref, xa_ref = _torch_fwd(x, W, b, A, B, layout, scale)
+    y_lo, xa_lo = _torch_fwd(x, W, b, lo["A"], lo["B"], layout, scale)
     y_or, xa_or = _torch_fwd(x.double(), _f64(W), _f64(b), A.double(), B.double(), layout, scale)
-    assert_close_like_torch("y", y, y_ref, y_or)
-    assert_close_like_torch("xa", xa, xa_ref, xa_or)
+    assert_close_like_torch("y", y, y_lo, y_or, dtype=y_ref.dtype)
+    assert_close_like_torch("xa", xa, xa_lo, xa_or, dtype=xa_ref.dtype)
 
     dy = torch.randn_like(y)
     flat, outside = _flat_grad_buffer(T, rank)
     before = flat.clone()
     dA, dB = _grad_views(flat, rank)
-    dA_ref, dB_ref = dA.clone(), dB.clone()
-    dA_or, dB_or = dA.double(), dB.double()
+    dA_lo, dB_lo = _zeros_like_views(dA, dB, dtype)
+    dA_or, dB_or = _zeros_like_views(dA, dB, torch.float64)
     dx = tri_lora.bwd(dy, x, W, A, B, xa, layout, scale, dA, dB, True)
-    dx_ref = _torch_bwd(dy, x, W, A, B, xa_ref, layout, scale, dA_ref, dB_ref, True)
+    dx_lo = _torch_bwd(dy, x, W, lo["A"], lo["B"], xa_lo, layout, scale, dA_lo, dB_lo, True)
     dx_or = _torch_bwd(dy.double(), x.double(), _f64(W), A.double(), B.double(), xa_or, layout,
                        scale, dA_or, dB_or, True)
-    assert_close_like_torch("dx", dx, dx_ref, dx_or)
-    assert_close_like_torch("dA", dA, dA_ref, dA_or)
-    assert_close_like_torch("dB", dB, dB_ref, dB_or)
+    assert_close_like_torch("dx", dx, dx_lo, dx_or, dtype=x.dtype)
+    # dA, dB are added into the buffer: compare what was added
+    dA0, dB0 = _grad_views(before.double(), rank)
+    assert_close_like_torch("dA", dA.double() - dA0, dA_lo, dA_or, dtype=torch.float64)
+    assert_close_like_torch("dB", dB.double() - dB0, dB_lo, dB_or, dtype=torch.float64)
     assert torch.equal(flat[outside], before[outside]), "bytes outside the dA/dB views changed"
     for t, s, e in layout.segments():
         if s == e:  # an empty task's gradient rows keep their bytes exactly
             assert torch.equal(flat[t], before[t])
+
+
+@pytest.mark.parametrize("sizes,rank,dtype,with_base", _LORA_CASES,
+                         ids=[_lora_case_id(c) for c in _LORA_CASES])
+def test_multi_lora_linear_kernels(sizes, rank, dtype, with_base):
+    _check_lora_kernels(*_lora_inputs(sizes, rank, dtype, with_base))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("row_block", tri_lora._ROW_BLOCKS)
+def test_multi_lora_linear_kernels_both_row_blocks(row_block, dtype, monkeypatch):
+    """The shrink's 16- and 64-row tiles: a small test picks 16 (too few programs for 64), so
+    the threshold is moved to force each, over segments longer than 64 rows."""
+    monkeypatch.setattr(tri_lora, "_MIN_PROGRAMS", 0 if row_block == 64 else 1 << 30)
+    assert tri_lora._shrink_blocks(70, 3, 5, dtype)["BLOCK_M"] == row_block
+    _check_lora_kernels(*_lora_inputs([70, 0, 35], 5, dtype, True))
+
+
+def test_multi_lora_linear_block_table():
+    """The launchers pick blocks from the table that ``launch_configs`` (and the compile test)
+    enumerates, for ranks 1-128 and segments of 0-4096 rows."""
+    listed = {(c.kernel, tuple(sorted((k, v) for k, v in c.constexprs.items() if k != "DOT_DTYPE")),
+               c.constexprs["DOT_DTYPE"]) for c in tri_lora.launch_configs()}
+
+    def key(kernel, dtype, accumulate=None, **blocks):
+        consts = dict(blocks) if accumulate is None else dict(blocks, ACCUMULATE=accumulate)
+        return kernel, tuple(sorted(consts.items())), tri_lora._DOT_DTYPE[dtype]
+    for dtype in DTYPES:
+        for r in list(range(1, 129)):
+            for rows in (0, 1, 2, 16, 17, 64, 128, 1000, 4096):
+                for T in (1, 4, 32, 300):
+                    assert key(tri_lora._sgmv_kernel, dtype, False,
+                               **tri_lora._shrink_blocks(rows, T, r, dtype)) in listed
+            assert key(tri_lora._sgmv_kernel, dtype, True,
+                       **tri_lora._expand_blocks(r, dtype)) in listed
+            for role in ("dA", "dB"):
+                assert key(tri_lora._segment_outer_kernel, dtype,
+                           **tri_lora._outer_blocks(role, r, dtype)) in listed
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        tri_lora._dot_dtype(torch.float64)
 
 
 def test_multi_lora_linear_kernels_without_dx():
@@ -169,7 +216,7 @@ def test_multi_lora_linear_kernels_without_dx():
     torch.testing.assert_close(dB, dB_ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sink", [False, True], ids=["autograd", "grad_buffers"])
 def test_multi_lora_linear_public_op(sink, dtype, monkeypatch):
     """Through ``multi_lora_linear`` with the triton backend forced: the autograd Function, the
@@ -181,35 +228,35 @@ def test_multi_lora_linear_public_op(sink, dtype, monkeypatch):
     flat, outside = _flat_grad_buffer(layout.num_tasks, rank)
     before = flat.clone()
 
-    def run(name, flat_buf):
+    def run(name, A, B, sink):
         xs, bs = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
         As, Bs = A.clone().requires_grad_(not sink), B.clone().requires_grad_(not sink)
-        gA, gB = _grad_views(flat_buf, rank) if sink else (None, None)
+        gA, gB = _grad_views(flat, rank) if sink else (None, None)
         with backend.use_backend(name):
             y = multi_lora_linear(xs, W, bs, As, Bs, layout, scale, grad_A=gA, grad_B=gB)
         y.backward(dy)
         if sink:
             assert As.grad is None and Bs.grad is None
+            dA0, dB0 = _grad_views(before, rank)
+            gA, gB = gA - dA0, gB - dB0  # what the backward added (fp32, exact to an ulp)
         else:
             gA, gB = As.grad, Bs.grad
         return {"y": y.detach(), "x.grad": xs.grad, "b.grad": bs.grad, "dA": gA, "dB": gB}
 
     fwd_calls, bwd_calls = _spy(monkeypatch, tri_lora, "fwd"), _spy(monkeypatch, tri_lora, "bwd")
-    out = run("triton", flat)
+    out = run("triton", A, B, sink)
     assert fwd_calls and bwd_calls, "the triton backend was not used"
-    ref = run("torch", flat.clone())
+    ref = run("torch", A, B, False)  # the contract: dtypes
+    lo = run("torch", A.to(dtype), B.to(dtype), False)  # plain PyTorch at x's dtype: the budget
     # the oracle: the differentiable reference in fp64 (the public op takes no fp64)
     x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
     A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
     y64 = multi_lora_linear_ref(x64, W.double(), b64, A64, B64, layout, scale)
     y64.backward(dy.double())
-    dA64, dB64 = A64.grad, B64.grad
-    if sink:
-        dA0, dB0 = _grad_views(before.double(), rank)
-        dA64, dB64 = dA0 + dA64, dB0 + dB64
-    oracle = {"y": y64.detach(), "x.grad": x64.grad, "b.grad": b64.grad, "dA": dA64, "dB": dB64}
+    oracle = {"y": y64.detach(), "x.grad": x64.grad, "b.grad": b64.grad, "dA": A64.grad,
+              "dB": B64.grad}
     for key in out:
-        assert_close_like_torch(key, out[key], ref[key], oracle[key])
+        assert_close_like_torch(key, out[key], lo[key], oracle[key], dtype=ref[key].dtype)
     if sink:
         assert torch.equal(flat[outside], before[outside]), "bytes outside the views changed"
 
@@ -384,65 +431,3 @@ def test_segment_cross_entropy_public_op(dtype, monkeypatch):
     assert_close_like_torch("loss", loss.detach(), loss_ref, loss_or)
     assert_close_like_torch("h.grad", hs.grad, dh_ref, dh_or)
     assert loss[1] == 0 and loss[3] == 0  # the empty task and the task without targets
-
-
-# ---------------------------------------------------------------------------------------------
-# the kernels compile for a GPU (the interpreter does not type-check like the compiler does)
-# ---------------------------------------------------------------------------------------------
-_COMPILE_SCRIPT = textwrap.dedent('''
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    import inspect
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from metakernels.ops._triton import fused_update as f, meta_reduce as r
-    from metakernels.ops._triton import multi_lora_linear as m, segment_cross_entropy as s
-
-    def compile_(kernel, ptr_types, constexprs):
-        """Pointers default to *fp32, scalars to i32 when named like sizes/strides, else fp32."""
-        sig = {}
-        for name in inspect.signature(kernel.fn).parameters:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = ptr_types.get(name, "*fp32")
-            elif name.startswith("stride") or name in ("K", "N", "I", "J", "P", "T", "V", "NB",
-                                                        "ignore_index"):
-                sig[name] = "i32"
-            else:
-                sig[name] = "fp32"
-        triton.compile(ASTSource(kernel, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", 80, 32))
-
-    for acc in (True, False):
-        compile_(m._sgmv_kernel, {"inp_ptr": "*bf16", "offsets_ptr": "*i32", "out_ptr": "*bf16"},
-                 dict(ACCUMULATE=acc, BLOCK_M=32, BLOCK_K=64, BLOCK_N=16))
-    compile_(m._segment_outer_kernel, {"lhs_ptr": "*fp16", "offsets_ptr": "*i32"},
-             dict(BLOCK_M=32, BLOCK_I=64, BLOCK_J=16))
-    compile_(f._sumsq_partial_kernel, {}, dict(BLOCK=1024))
-    for flag in (True, False):
-        compile_(f._task_norm_kernel, {"finite_ptr": "*i8"}, dict(CLIP=flag, BLOCK=64))
-        compile_(f._sgd_kernel, {"finite_ptr": "*i8"}, dict(WEIGHT_DECAY=flag, BLOCK=1024))
-        compile_(f._adam_kernel, {"finite_ptr": "*i8"}, dict(WEIGHT_DECAY=flag, BLOCK=1024))
-        compile_(r._meta_reduce_kernel, {}, dict(REPTILE=flag, BLOCK=1024))
-    compile_(s._segment_count_kernel, {"labels_ptr": "*i64", "offsets_ptr": "*i32"},
-             dict(BLOCK=1024))
-    compile_(s._ce_chunk_kernel, {"logits_ptr": "*bf16", "labels_ptr": "*i64",
-                                  "task_ids_ptr": "*i32"}, dict(BLOCK_V=4096))
-    compile_(s._segment_mean_kernel, {"offsets_ptr": "*i32"}, dict(BLOCK=1024))
-    print("compiled")
-''')
-
-
-def test_kernels_compile_for_sm80():
-    import triton.backends
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no nvidia backend to compile with")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -8,7 +8,70 @@ Conventions shared by the kernels:
   row offsets are widened to int64 before they are multiplied by a stride;
 - task segments come from ``TaskLayout.offsets_tensor`` (int32 [T+1]); a program whose task
   segment is empty returns before touching memory;
-- loads are upcast to fp32 and every sum accumulates in fp32; ``tl.dot`` runs with
-  ``input_precision="ieee"`` so fp32 products match cuBLAS fp32 (no TF32), and its tiles are at
-  least 16 wide (small ranks are padded with masks).
+- every sum accumulates in fp32. Matrix products (``tl.dot``, in ``multi_lora_linear`` only)
+  take their operands in the activations' dtype: bf16/fp16 on the tensor cores, fp32 with
+  ``input_precision="ieee"`` (no TF32, so fp32 matches cuBLAS fp32); tiles are at least 16
+  wide (small ranks are padded with masks);
+- block sizes come from fixed per-module tables, so that ``tests/test_triton_compile.py`` can
+  compile every variant a launch can ask for (``launch_configs()`` in each module).
 """
+import os
+from typing import NamedTuple
+
+
+class LaunchConfig(NamedTuple):
+    """One compiled variant a launcher can ask for: a name, the ``@triton.jit`` kernel, the
+    dtypes of its pointer arguments (``"*fp32"`` unless named here), its constexprs, and the
+    launch's num_warps and num_stages."""
+    name: str
+    kernel: object
+    ptr_types: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as _interpreter
+
+    def _bf16_rne(x: np.ndarray) -> np.ndarray:
+        """fp32 -> bf16 bits, rounded to nearest even as the GPU's ``cvt.rn.bf16.f32`` does."""
+        x = np.asarray(x, dtype=np.float32)
+        bits = x.view(np.uint32)
+        with np.errstate(over="ignore"):  # only NaNs wrap, and they are replaced below
+            out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # a quiet NaN, sign kept
+        return out
+
+    def _fix_interpreter_bf16() -> None:
+        """Two places where the interpreter's bf16 is not the GPU's (triton 3.x stores bf16 as
+        uint16): ``tl.dot`` multiplies the uint16 bit patterns (triton-lang/triton#11584, not
+        supported upstream), and fp32 -> bf16 casts truncate where the GPU rounds to nearest
+        even. The dot gets its bf16 operands as fp32 (bf16 x bf16 products are exact in fp32:
+        what the tensor cores compute) and the cast rounds to nearest even, so the CPU tests see
+        the GPU's numerics."""
+        builder = _interpreter.InterpreterBuilder
+        if getattr(builder.create_dot, "_bf16_as_fp32", False):
+            return
+        create_dot, cast_impl = builder.create_dot, builder.cast_impl
+        handle = _interpreter.TensorHandle
+
+        def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            def widen(h):
+                if h.dtype.scalar != tl.bfloat16:
+                    return h
+                data = _interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None)
+                return handle(data.view(np.float32), tl.float32)
+            return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+        def cast(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                return handle(_bf16_rne(src.data), tl.bfloat16)
+            return cast_impl(self, src, dst_type)
+        dot._bf16_as_fp32 = True
+        builder.create_dot, builder.cast_impl = dot, cast
+
+    _fix_interpreter_bf16()

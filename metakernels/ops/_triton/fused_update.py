@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LaunchConfig
+
 _BLOCK_P = 1024
+_NORM_BLOCK = 1024  # per-block partial sums reduced per task, in steps of this many
 _EPS_CLIP = 1e-6
 
 
@@ -121,6 +124,20 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
     tl.store(f_ptrs, w, mask=mask)
 
 
+def launch_configs():
+    """Every (kernel, pointer dtypes, constexprs) ``fused_update`` can launch: all fp32 but the
+    int8 finiteness flags; the two flags of each kernel both ways."""
+    flags = {"finite_ptr": "*i8"}
+    yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P))
+    for on in (False, True):
+        yield LaunchConfig(f"task_norm-clip{int(on)}", _task_norm_kernel, flags,
+                           dict(CLIP=on, BLOCK=_NORM_BLOCK))
+        yield LaunchConfig(f"sgd-wd{int(on)}", _sgd_kernel, flags,
+                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
+        yield LaunchConfig(f"adam-wd{int(on)}", _adam_kernel, flags,
+                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
+
+
 def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay):
     """Updates every task's fast weights (and the Adam state) in place.
 
@@ -144,7 +161,7 @@ def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps,
                                    partial.stride(0), BLOCK=_BLOCK_P)
     _task_norm_kernel[(T,)](partial, norms, finite, coef, NB, partial.stride(0),
                             float(max_grad_norm), _EPS_CLIP, CLIP=max_grad_norm > 0,
-                            BLOCK=min(1024, triton.next_power_of_2(NB)))
+                            BLOCK=_NORM_BLOCK)
     if optimizer == "sgd":
         _sgd_kernel[(NB, T)](fast, grad, lr, finite, coef, P, float(weight_decay),
                              fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LaunchConfig
+
 _BLOCK_P = 1024
 
 
@@ -38,6 +40,13 @@ def _meta_reduce_kernel(x_ptr, w_ptr, theta_ptr, out_ptr, T, P,
         theta = tl.load(theta_ptr + cols * stride_theta, mask=mask, other=0.0)
         acc = w_sum * theta - acc
     tl.store(out_ptr + cols, acc, mask=mask)
+
+
+def launch_configs():
+    """Every (kernel, pointer dtypes, constexprs) ``meta_reduce`` can launch (all fp32)."""
+    for reptile in (False, True):
+        yield LaunchConfig(f"meta_reduce-reptile{int(reptile)}", _meta_reduce_kernel, {},
+                           dict(REPTILE=reptile, BLOCK=_BLOCK_P))
 
 
 def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor,

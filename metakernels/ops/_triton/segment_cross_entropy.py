@@ -23,8 +23,12 @@ import triton.language as tl
 
 from ...batch import IGNORE_INDEX
 from ...layout import TaskLayout
+from . import LaunchConfig
 
-_MAX_BLOCK_V = 4096
+# One vocabulary block for every V (masked beyond V): a GPU reads a masked lane for free, and one
+# value keeps the compiled variants few (tests/test_triton_compile.py compiles each).
+_BLOCK_V = 4096
+_LOGITS_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _BLOCK_ROWS = 1024
 
 
@@ -105,6 +109,19 @@ def _segment_mean_kernel(row_loss_ptr, offsets_ptr, count_ptr, loss_ptr, BLOCK: 
     tl.store(loss_ptr + t, total / tl.maximum(tl.load(count_ptr + t), 1.0))
 
 
+def launch_configs():
+    """Every (kernel, pointer dtypes, constexprs) ``fwd`` can launch: the logits in h's dtype
+    (fp32, bf16 or fp16), int64 labels, int32 offsets and task ids, fp32 sums."""
+    index = {"offsets_ptr": "*i32"}
+    yield LaunchConfig("segment_count", _segment_count_kernel, dict(index, labels_ptr="*i64"),
+                       dict(BLOCK=_BLOCK_ROWS))
+    for dtype, ptr in _LOGITS_TYPES.items():
+        yield LaunchConfig(f"ce_chunk-{str(dtype).split('.')[-1]}", _ce_chunk_kernel,
+                           {"logits_ptr": ptr, "labels_ptr": "*i64", "task_ids_ptr": "*i32"},
+                           dict(BLOCK_V=_BLOCK_V))
+    yield LaunchConfig("segment_mean", _segment_mean_kernel, index, dict(BLOCK=_BLOCK_ROWS))
+
+
 def fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, layout: TaskLayout,
         chunk_size: int):
     """Per-task token-mean cross-entropy and its gradient w.r.t. h, chunked over rows.
@@ -116,6 +133,9 @@ def fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, layout: TaskLayo
     Returns:
         (loss [T] fp32, dh [N, d] in h's dtype: the gradient of ``loss.sum()``).
     """
+    if h.dtype not in _LOGITS_TYPES:
+        raise TypeError(f"segment_cross_entropy (triton): h must be fp32, bf16 or fp16, got "
+                        f"{h.dtype}")
     N, d = h.shape
     V = W.shape[0]
     T = layout.num_tasks
@@ -129,13 +149,12 @@ def fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, layout: TaskLayo
     dh = torch.empty(N, d, dtype=h.dtype, device=dev)
     chunk = max(1, min(chunk_size, N))
     logits = torch.empty(chunk, V, dtype=h.dtype, device=dev)
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(V))
     for c0 in range(0, N, chunk):
         n = min(chunk, N - c0)
         z = logits[:n]
         torch.mm(h[c0:c0 + n], W.T, out=z)
         _ce_chunk_kernel[(n,)](z, labels[c0:], task_ids[c0:], counts, row_loss[c0:], V,
-                               z.stride(0), z.stride(1), IGNORE_INDEX, BLOCK_V=block_v)
+                               z.stride(0), z.stride(1), IGNORE_INDEX, BLOCK_V=_BLOCK_V)
         torch.mm(z, W, out=dh[c0:c0 + n])
     loss = torch.empty(T, dtype=torch.float32, device=dev)
     _segment_mean_kernel[(T,)](row_loss, offsets, counts, loss, BLOCK=_BLOCK_ROWS)

@@ -28,6 +28,11 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if cfg.trainer.device.startswith("cuda") else "gloo"
+        if cfg.trainer.device == "cuda":
+            # One GPU per process, as torchrun numbers them on a node: "cuda" (the current
+            # device) then names that GPU for the model, the bank, NCCL and the FSDP mesh;
+            # otherwise every process would run on GPU 0, which NCCL refuses.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 

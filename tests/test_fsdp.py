@@ -136,10 +136,12 @@ def measure(overrides: list[str]) -> None:
     built = _status_bytes("VmRSS") - rss0
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")   # VmHWM := VmRSS: the peak from here on
+    start = _status_bytes("VmRSS")
     trainer.train()
     peak = _status_bytes("VmHWM")
     print(f"rank {trainer.rank}: local_param_bytes={dist.local_param_bytes(trainer.model)} "
-          f"build_rss_bytes={built} train_peak_rss_bytes={peak}", flush=True)
+          f"build_rss_bytes={built} train_start_rss_bytes={start} train_peak_rss_bytes={peak} "
+          f"last_step_us={int(trainer.history[-1]['time_per_step'] * 1e6)}", flush=True)
     dist.shutdown(barrier=True)
 
 

@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: run metadata, timing statistics, the machine's GEMM rates,
-CSV output and a plain-text table."""
+"""What the benchmark scripts share: run metadata, the device and dtype flags, timing (the host
+clock on the CPU, CUDA events on a GPU), timing statistics, the machine's GEMM rates, CSV output
+and a plain-text table."""
 from __future__ import annotations
 
 import csv
@@ -51,13 +52,30 @@ def git_revision() -> str:
         return "unknown"
 
 
-def run_metadata() -> dict:
-    """The columns every result row carries: when, on what, with which code, and the 1-minute
-    load average when it started (a loaded machine gives slow, noisy times)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")
+
+
+def require_device(device: str) -> None:
+    """Exits with one line unless ``device`` can run here."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: no CUDA device here (torch {torch.__version__}, built "
+                         f"with CUDA {torch.version.cuda or 'no'}); run on a machine with a GPU "
+                         f"or use --device cpu")
+
+
+def machine_name(device: str = "cpu") -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def run_metadata(device: str = "cpu") -> dict:
+    """The columns every result row carries: when, on what (the CPU, or the GPU for
+    ``device="cuda"``), with which code, and the 1-minute load average of the host when it
+    started (a loaded machine gives slow, noisy times)."""
     return {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_rev": git_revision(),
-        "machine": cpu_model(),
+        "machine": machine_name(device),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -79,10 +97,34 @@ def quantiles(times: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q(0.2), q(0.8)
 
 
+def timer(device: str = "cpu") -> Callable[[Callable[[], object]], float]:
+    """A function that calls ``fn`` once and returns the seconds it took: ``time.perf_counter``
+    around the call on the CPU; on a GPU, CUDA events recorded around it after the work queued
+    before it has finished (kernels run asynchronously: the host clock would time their
+    launches), read after the work it queued has finished."""
+    if device != "cuda":
+        def host(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return host
+
+    def events(fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return events
+
+
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
-               setup: Callable[[], object] | None = None) -> list[float]:
-    """Seconds per call of ``fn`` (``time.perf_counter`` around the call alone), after
-    ``warmup`` untimed calls; ``setup`` runs untimed before every call."""
+               setup: Callable[[], object] | None = None, device: str = "cpu") -> list[float]:
+    """Seconds per call of ``fn`` (``timer(device)`` around the call alone), after ``warmup``
+    untimed calls; ``setup`` runs untimed before every call."""
+    clock = timer(device)
     for _ in range(warmup):
         if setup is not None:
             setup()
@@ -91,52 +133,85 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
     for _ in range(repeats):
         if setup is not None:
             setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock(fn))
     return times
 
 
-def _best_rate(fn, flops: float, min_seconds: float) -> float:
+def _best_rate(fn, flops: float, min_seconds: float, device: str = "cpu") -> float:
+    """``flops`` over the best mean time of ``fn`` in 7 batches of about ``min_seconds`` / 7."""
+    clock = timer(device)
     for _ in range(3):
         fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
+    one = max(clock(fn), 1e-7)
     iters = max(1, int(min_seconds / 7 / one))
-    best = float("inf")
-    for _ in range(7):
-        t0 = time.perf_counter()
+
+    def batch():
         for _ in range(iters):
             fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return flops / best
+    return flops / min(clock(batch) / iters for _ in range(7))
 
 
-def gemm_rates(n: int, dtype=torch.float32, min_seconds: float = 0.2) -> dict[str, float]:
-    """Best achieved FLOP/s of a square product of size ``n`` on this machine, now, by each GEMM
-    library the cpu backend can use (``metakernels.gemm``): ATen's ``torch.mm`` ("blas") and,
-    for fp32 where PyTorch has it, oneDNN's matmul ("onednn")."""
-    from metakernels.gemm import onednn_available, onednn_linear
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    rates = {"blas": _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n ** 3, min_seconds)}
-    if dtype == torch.float32 and onednn_available():
-        rates["onednn"] = _best_rate(lambda: onednn_linear(a, b), 2.0 * n ** 3, min_seconds)
-    return rates
+def gemm_functions(n: int, dtype=torch.float32, device: str = "cpu") -> dict[str, Callable]:
+    """Square ``n`` x ``n`` products in ``dtype`` on ``device`` by each GEMM library the step
+    can use, as functions that return ``a @ b.T`` for their (random) operands ``a`` and ``b``
+    (attributes of each function, for checking it):
+
+    - CPU: ATen's ``torch.mm`` ("blas": MKL for fp32, oneDNN's bf16 kernels behind ATen for
+      bf16) and oneDNN's linear ``torch.ops.mkldnn._linear_pointwise`` ("onednn": what
+      ``metakernels.gemm`` runs the frozen base's fp32 GEMMs on; in bf16 where this CPU has
+      oneDNN's bf16 support, AVX512-BF16 or AMX);
+    - CUDA: ``torch.mm`` ("cublas"), fp32 without TF32 unless PyTorch was told to allow it."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
+    bt = b.t()
+    fns = {}
+    if dev.type == "cuda":
+        out = torch.empty(n, n, dtype=dtype, device=dev)
+        fns["cublas"] = lambda: torch.mm(a, bt, out=out)
+    else:
+        out = torch.empty(n, n, dtype=dtype)
+        fns["blas"] = lambda: torch.mm(a, bt, out=out)
+        if _onednn_linear_available(dtype):
+            fns["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    for f in fns.values():
+        f.a, f.b = a, b
+    return fns
+
+
+def _onednn_linear_available(dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        from metakernels.gemm import onednn_available
+        return onednn_available()
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def gemm_rates(n: int, dtype=torch.float32, min_seconds: float = 0.2,
+               device: str = "cpu") -> dict[str, float]:
+    """Best achieved FLOP/s of a square product of size ``n`` in ``dtype`` on ``device``, now,
+    by each library of ``gemm_functions``."""
+    return {lib: _best_rate(f, 2.0 * n ** 3, min_seconds, device)
+            for lib, f in gemm_functions(n, dtype, device).items()}
 
 
 def append_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
     """Appends ``rows`` to the CSV at ``path`` (header written when the file is new). A file
-    written with other columns is never mixed with these rows."""
+    written by an earlier version, whose columns are the first of ``columns``, is first
+    rewritten with the new columns appended, empty in its old rows; a file written with other
+    columns is never mixed with these rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != list(columns):
+        if header != list(columns) and header == list(columns)[:len(header)]:
+            _add_columns(path, columns)
+        elif header != list(columns):
             raise SystemExit(f"{path} has columns {header}, this script writes {list(columns)}: "
                              f"pass --csv with another file (or move the old one away)")
     with open(path, "a", newline="") as f:
@@ -145,6 +220,19 @@ def append_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None
             w.writeheader()
         for row in rows:
             w.writerow({c: _fmt(row.get(c)) for c in columns})
+
+
+def _add_columns(path: Path, columns: Sequence[str]) -> None:
+    """Rewrites the CSV at ``path`` with ``columns``, a superset of its own, the new ones
+    empty; through a temporary file, so that an interruption leaves the old file whole."""
+    with open(path, newline="") as f:
+        old = list(csv.DictReader(f))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        w.writeheader()
+        w.writerows(old)
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

@@ -1,10 +1,14 @@
 """PNG plots of the benchmark CSVs.
 
-    meta_step.csv -> meta_step_<preset>_<model>.png: time per meta-step vs T and peak step memory
-                     vs T, one line per variant (the latest row for each variant and T, of
-                     the newest commit in the CSV)
-    ops.csv       -> ops_<op>.png: rate (GFLOP/s or GB/s) per shape and mode, one bar per
-                     provider (the latest row of each)
+    meta_step.csv -> meta_step_<preset>_<model>_<targets>_r<rank>[_<dtype>][_<device>].png:
+                     time per meta-step vs T and peak step memory vs T, one line per variant
+                     (the latest row for each variant and T, of the newest commit in the CSV);
+                     the dtype and device only where they are not float32 and cpu
+    ops.csv       -> ops_<op>[_<device>].png: rate (GFLOP/s or GB/s) per shape and mode, one
+                     bar per provider (the latest row of each)
+
+Rows written before the ``dtype`` and ``device`` columns existed have them empty: float32 on
+the CPU, what every run was then.
 
     python bench/plot.py                                   # bench/results/*.csv -> PNGs there
     python bench/plot.py --meta-step-csv m.csv --ops-csv o.csv --out-dir /tmp/plots
@@ -44,6 +48,14 @@ def slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
 
 
+def dtype_of(row: dict) -> str:
+    return row.get("dtype") or "float32"
+
+
+def device_of(row: dict) -> str:
+    return row.get("device") or "cpu"
+
+
 def _num(s: str) -> float | None:
     try:
         return float(s)
@@ -62,9 +74,10 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
     rows = read_rows(path)
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["preset"], r["model"], r["targets"], r["rank"])].append(r)
+        groups[(r["preset"], r["model"], r["targets"], r["rank"], dtype_of(r),
+                device_of(r))].append(r)
     written = []
-    for (preset, model, targets, rank), grp in sorted(groups.items()):
+    for (preset, model, targets, rank, dtype, device), grp in sorted(groups.items()):
         # One commit of the code per plot (with or without uncommitted changes on top of it).
         def commit(r):
             return r["git_rev"].split("+")[0]
@@ -83,8 +96,9 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
             mem = [(t, m) for t, m in mem if m is not None]
             if mem:
                 ax_m.plot(*zip(*mem), "o-", **style)
-        for ax, ylabel in ((ax_t, "median time per meta-step (s)"),
-                           (ax_m, "peak step memory (MB above pre-step RSS)")):
+        memory = ("peak step memory (MB allocated above pre-step)" if device == "cuda" else
+                  "peak step memory (MB above pre-step RSS)")
+        for ax, ylabel in ((ax_t, "median time per meta-step (s)"), (ax_m, memory)):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tasks per meta-batch T")
@@ -92,19 +106,23 @@ def plot_meta_step(path: Path, out_dir: Path) -> list[Path]:
             ax.grid(True, which="both", alpha=0.3)
         ax_t.legend(fontsize=8)
         first = grp[0]
-        fig.suptitle(f"FOMAML meta-step, {preset}: {model}, {targets} r{rank}, "
-                     f"L={first['seq_len']}, K={first['inner_steps']}  ({first['machine']}, "
-                     f"{first['threads']} threads)", fontsize=9)
+        where = (first["machine"] if device == "cuda" else
+                 f"{first['machine']}, {first['threads']} threads")
+        fig.suptitle(f"FOMAML meta-step, {preset}: {model} {dtype}, {targets} r{rank}, "
+                     f"L={first['seq_len']}, K={first['inner_steps']}  ({where})", fontsize=9)
+        suffix = ("" if dtype == "float32" else f"_{slug(dtype)}") + (
+            "" if device == "cpu" else f"_{slug(device)}")
         written.append(_save(fig, out_dir / f"meta_step_{slug(preset)}_{slug(model)}_"
-                                          f"{slug(targets)}_r{rank}.png"))
+                                          f"{slug(targets)}_r{rank}{suffix}.png"))
     return written
 
 
 def plot_ops(path: Path, out_dir: Path) -> list[Path]:
-    rows = latest(read_rows(path), lambda r: (r["op"], r["config"], r["mode"], r["provider"]))
+    rows = latest(read_rows(path), lambda r: (r["op"], r["config"], r["mode"], r["provider"],
+                                              device_of(r)))
     written = []
-    for op in sorted({r["op"] for r in rows}):
-        grp = [r for r in rows if r["op"] == op]
+    for op, device in sorted({(r["op"], device_of(r)) for r in rows}):
+        grp = [r for r in rows if (r["op"], device_of(r)) == (op, device)]
         groups = list(dict.fromkeys((r["config"], r["mode"]) for r in grp))
         provs = list(dict.fromkeys(r["provider"] for r in grp))
         value = {(r["config"], r["mode"], r["provider"]): float(r["throughput"]) for r in grp}
@@ -118,10 +136,13 @@ def plot_ops(path: Path, out_dir: Path) -> list[Path]:
                            ha="right")
         ax.set_yscale("log")   # shapes and modes differ by orders of magnitude
         ax.set_ylabel(grp[0]["metric"])
-        ax.set_title(f"{op} ({grp[0]['machine']}, {grp[0]['threads']} threads)", fontsize=10)
+        where = (grp[0]["machine"] if device == "cuda" else
+                 f"{grp[0]['machine']}, {grp[0]['threads']} threads")
+        ax.set_title(f"{op} ({where})", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
-        written.append(_save(fig, out_dir / f"ops_{op}.png"))
+        suffix = "" if device == "cpu" else f"_{slug(device)}"
+        written.append(_save(fig, out_dir / f"ops_{op}{suffix}.png"))
     return written
 
 

@@ -1,16 +1,19 @@
 """Microbenchmarks of the ops, each against its plain-PyTorch reference, on every backend that can
-run here (Liger-Kernel style: providers x modes, results appended to one CSV).
+run on the device (Liger-Kernel style: providers x modes, results appended to one CSV).
 
 Providers: ``reference`` (the op's ``*_ref`` function, autograd for the gradients) and one per
 available backend (the public op under ``metakernels.backend.use_backend``, called the way the
 engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-style buffers);
 ``cpu-blas`` is the cpu backend with the frozen weights' GEMMs on ATen's ``mm`` (MKL) instead of
-oneDNN's (``metakernels.gemm``), where oneDNN is the default.
+oneDNN's (``metakernels.gemm``), where oneDNN is the default. On a GPU (``--device cuda``) the
+providers are ``reference``, ``torch`` and ``triton``, at the shapes of the ``gpu-fewshot``
+meta-step preset (a 1B-class Llama: d 2048, MLP 8192, 32 heads of 64, vocabulary 32000, r 16,
+32 tasks of 2 x 64 tokens).
 ``attention`` is the causal self-attention of the fused layers (``model.fused_layers``): the
 reference is its math form (softmax of the masked scores, autograd), ``torch`` is what the
-library runs there (PyTorch's ``scaled_dot_product_attention``), ``cpu`` (and ``cpu-blas``, which
-has no GEMM library to switch) the kernel of ``csrc/attention.cpp``, [B, H, L, D] as the model
-calls it.
+library runs there (PyTorch's ``scaled_dot_product_attention``, also under ``triton`` on a GPU),
+``cpu`` (and ``cpu-blas``, which has no GEMM library to switch) the kernel of
+``csrc/attention.cpp``, [B, H, L, D] as the model calls it.
 ``rms_norm``, ``swiglu`` and ``rotary`` are the fused layers' (``metakernels.fused``) as the model
 calls them (a frozen norm weight): the reference is the library's op-by-op form (Hugging Face's
 ``LlamaRMSNorm``, ``F.silu(gate) * up``, ``apply_rotary_pos_emb``) under autograd, ``torch`` the
@@ -19,7 +22,8 @@ one-pass kernels of ``csrc/fused_layers.cpp``.
 Modes: ``forward``, ``backward`` (the backward of one retained forward graph) and ``full``
 (forward + backward); ``fused_update`` and ``meta_reduce`` have a forward only. Every provider is
 checked against the reference (outputs and every gradient) at the benchmark shape before it is
-timed. Times are ``time.perf_counter`` around one call, after warm-up calls; median and p20/p80.
+timed. Times are ``time.perf_counter`` around one call on the CPU, CUDA events around it on a GPU
+(``common.timer``), after warm-up calls; median and p20/p80.
 
 Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P adapter params):
 
@@ -27,9 +31,10 @@ Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P a
                                     backward 2N in out (dx) + 4N r (in + out) (dA, dB, LoRA dx)
     segment_cross_entropy  GFLOP/s  forward 2NdV (logits), backward 2NdV (dh), as the reference
                                     (and the torch backend, which is the reference) does them.
-                                    The fused kernel (cpu) computes dh in the forward,
-                                    never keeping the logits, on the M labelled rows only: its
-                                    forward counts 4MdV and its backward N d (a row scaling).
+                                    The fused kernels compute dh in the forward, never
+                                    keeping the logits: cpu on the M labelled rows only (its
+                                    forward counts 4MdV), triton on every row (4NdV); their
+                                    backward counts N d (a row scaling).
                                     Compare providers on ``full`` (and by time).
     attention              GFLOP/s  causal, B sequences, H heads of D, length L: forward
                                     2 B H L^2 D, backward 4 B H L^2 D (as the meta-step's
@@ -51,6 +56,7 @@ Commands::
     python bench/ops.py --op attention
     python bench/ops.py --op rms_norm --op swiglu --op rotary
     python bench/ops.py --quick --csv /tmp/ops.csv
+    python bench/ops.py --device cuda       # reference, torch, triton at GPU shapes
 """
 from __future__ import annotations
 
@@ -59,7 +65,8 @@ import contextlib
 import math
 from pathlib import Path
 
-from common import RESULTS, append_csv, print_table, quantiles, run_metadata, time_calls
+from common import (DEVICES, RESULTS, append_csv, print_table, quantiles, require_device,
+                    run_metadata, time_calls)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -197,8 +204,8 @@ class SegmentCrossEntropyCase:
 
     def work(self, mode, provider):
         N, d, V = self.sizes
-        if provider_backend(provider) == "cpu":   # fused: dh computed in the forward,
-            M = self.labelled                      # on the labelled rows only
+        if provider_backend(provider) in ("cpu", "triton"):   # fused: dh in the forward
+            M = self.labelled if provider_backend(provider) == "cpu" else N
             return {"forward": 4 * M * d * V, "backward": N * d,
                     "full": 4 * M * d * V + N * d}[mode]
         return {"forward": 2 * N * d * V, "backward": 2 * N * d * V, "full": 4 * N * d * V}[mode]
@@ -215,7 +222,7 @@ class SegmentCrossEntropyCase:
 def attention_math(q, k, v, scale: float) -> torch.Tensor:
     """Causal attention in its math form: softmax(q k^T scale, keys after the query masked) v."""
     L = q.shape[-2]
-    keep = torch.ones(L, L, dtype=torch.bool).tril()
+    keep = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
     return torch.softmax(s, -1) @ v
 
@@ -430,11 +437,52 @@ def cases(op: str, quick: bool) -> list:
     return [MetaReduceCase(T, P, k) for T, P in shapes for k in ("fomaml", "reptile")]
 
 
-def providers() -> list[str]:
-    """The reference and every backend that runs here (CPU tensors: the triton backend is a
-    CPU interpreter for tests there, not something to time), and the cpu backend with ATen's
-    GEMMs where its default is oneDNN's."""
-    provs = ["reference"] + [b for b in ("torch", "cpu") if backend.available(b)]
+def gpu_cases(op: str, quick: bool) -> list:
+    """The ``gpu-fewshot`` preset's shapes (``--quick``: the CPU's quick shapes): its layers (d
+    2048, r 16, 32 tasks of 2 x 64 tokens; the MLP's up projection 2048 -> 8192), a Zipf-1.5 mix
+    of task sizes, its 32k vocabulary, attention of 32 heads of 64 at L 64 and 512 (the
+    ``gpu-large`` preset), its adapters' P for the bank ops."""
+    if quick:
+        return cases(op, True)
+    # 16 layers x rank 16 x (q, o: 2048 -> 2048; k, v: 2048 -> 512, 8 kv heads of 64)
+    P_GPU = 16 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 512))
+    if op == "multi_lora_linear":
+        return [MultiLoraLinearCase([128] * 32, 2048, 2048, 16),
+                MultiLoraLinearCase([64 * n for n in zipf_sizes(32, 8)], 2048, 2048, 16),
+                MultiLoraLinearCase([128] * 32, 2048, 8192, 16)]
+    if op == "segment_cross_entropy":
+        return [SegmentCrossEntropyCase([128] * 32, 2048, 32000)]
+    if op == "attention":
+        return [AttentionCase(64, 32, 64, 64), AttentionCase(16, 32, 512, 64)]
+    if op == "rms_norm":
+        return [RMSNormCase(4096, 2048)]
+    if op == "swiglu":
+        return [SwiGLUCase(4096, 8192)]
+    if op == "rotary":
+        return [RotaryCase(64, 32, 64, 64)]
+    if op == "fused_update":
+        return [FusedUpdateCase(32, P_GPU, o) for o in ("sgd", "adam")]
+    return [MetaReduceCase(32, P_GPU, k) for k in ("fomaml", "reptile")]
+
+
+def to_device(case, device: str):
+    """``case`` with its tensors on ``device``: the cases draw their inputs on the CPU (one
+    generator, the same numbers everywhere) and are moved before their runners are built."""
+    for name, v in vars(case).items():
+        if isinstance(v, torch.Tensor):
+            setattr(case, name, v.to(device))
+        elif isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+            setattr(case, name, [t.to(device) for t in v])
+    return case
+
+
+def providers(device: str = "cpu") -> list[str]:
+    """The reference and every backend that runs on ``device``: on the CPU torch and cpu (the
+    triton backend there is an interpreter for tests, not something to time), and the cpu
+    backend with ATen's GEMMs where its default is oneDNN's; on a GPU torch and triton."""
+    dev = torch.device(device)
+    names = ("torch", "triton") if dev.type == "cuda" else ("torch", "cpu")
+    provs = ["reference"] + [b for b in names if backend.available(b, dev)]
     if "cpu" in provs and gemm_library() == "onednn":
         provs.append("cpu-blas")
     return provs
@@ -468,14 +516,16 @@ def bench_case(case, provs, args, meta) -> list[dict]:
             r = case.runner(p)
             if mode == "backward":
                 r.forward()
-                times = time_calls(r.backward, args.warmup, args.repeats)
+                times = time_calls(r.backward, args.warmup, args.repeats, device=args.device)
             else:
-                times = time_calls(getattr(r, mode), args.warmup, args.repeats)
+                times = time_calls(getattr(r, mode), args.warmup, args.repeats,
+                                   device=args.device)
             med, p20, p80 = quantiles(times)
             rows.append({**meta, "op": case.op, "config": case.config, "provider": p,
                          "backend": provider_backend(p), "mode": mode,
                          "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
-                         "metric": case.metric, "throughput": case.work(mode, p) / med / 1e9})
+                         "metric": case.metric, "throughput": case.work(mode, p) / med / 1e9,
+                         "device": args.device})
         ref_med = next(r["median_ms"] for r in rows
                        if r["mode"] == mode and r["provider"] == "reference")
         for r in rows:
@@ -484,9 +534,10 @@ def bench_case(case, provs, args, meta) -> list[dict]:
     return rows
 
 
+# New columns go at the end: common.append_csv then extends a file of the earlier columns.
 COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
            "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
-           "throughput", "speedup_vs_reference"]
+           "throughput", "speedup_vs_reference", "device"]
 TABLE = [("config", "config", ""), ("mode", "mode", ""), ("provider", "provider", ""),
          ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"),
          ("throughput", "rate", ".2f"), ("metric", "unit", ""),
@@ -502,7 +553,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, help="timed calls (default 20)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 with --quick)")
     p.add_argument("--csv", type=Path, default=RESULTS / "ops.csv")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the ops run (default cpu); cuda: GPU shapes, CUDA events")
     args = p.parse_args(argv)
+    require_device(args.device)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20)
     if args.repeats < 1 or args.warmup < 0:
@@ -512,15 +566,16 @@ def main(argv=None) -> None:
         if threads < 1:
             p.error("--threads must be >= 1")
         torch.set_num_threads(threads)
-    meta = run_metadata()
-    provs = providers()
+    meta = run_metadata(args.device)
+    provs = providers(args.device)
     print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "
           f"{meta['torch']}, git {meta['git_rev']}; providers: {', '.join(provs)}")
     total = 0
     for op in args.op or OPS:
         rows = []
-        for case in cases(op, args.quick):
-            rows += bench_case(case, provs, args, meta)
+        shapes = gpu_cases if args.device == "cuda" else cases
+        for case in shapes(op, args.quick):
+            rows += bench_case(to_device(case, args.device), provs, args, meta)
         append_csv(args.csv, COLUMNS, rows)
         total += len(rows)
         print(f"\n{op} ({args.warmup} warm-up + {args.repeats} timed calls)")

@@ -1,7 +1,11 @@
 """Smoke test of the benchmark scripts: in quick mode they run, exit 0 and write well-formed CSVs
-that ``bench/plot.py`` draws. Timings are never asserted; the meta-gradient errors are (every
-variant is checked against the per-task PEFT loop before it is timed)."""
+that ``bench/plot.py`` draws (old rows and new); the diagnostic modes print what they measure;
+the GPU paths refuse to run without a GPU, and ``bench/gpu_check.sh`` without one runs what it
+can and exits 0. Timings are never asserted; the meta-gradient errors are (every variant is
+checked against the per-task PEFT loop before it is timed), and so is what the FLOP floor is
+made of."""
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -22,27 +26,39 @@ META_STEP_COLUMNS = [
     "variant", "backend", "model", "targets", "rank", "num_tasks", "support_sizes", "query_rows", "seq_len",
     "inner_steps", "tokens_per_step", "warmup", "repeats", "median_s", "p20_s", "p80_s",
     "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor", "ratio_floor_paired",
-    "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft"]
+    "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs", "rel_err_vs_naive_peft", "dtype",
+    "device", "floor_gemm"]
 META_STEP_POSITIVE = ["cores", "threads", "rank", "num_tasks", "query_rows", "seq_len",
                       "inner_steps", "tokens_per_step", "repeats", "median_s", "p20_s", "p80_s",
                       "tokens_per_s", "ratio_naive_peft", "floor_s", "ratio_floor",
                       "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs"]
 OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
                "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
-               "throughput", "speedup_vs_reference"]
+               "throughput", "speedup_vs_reference", "device"]
 OPS_POSITIVE = ["cores", "threads", "median_ms", "p20_ms", "p80_ms", "throughput",
                 "speedup_vs_reference"]
 BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
+BF16_RTOL = 4 * 2.0 ** -8   # 4u, u = bf16's unit roundoff (bench/runner.py, CHECK_RTOL)
 
 
-def run_script(script, *args, timeout=900):
+def run_script(script, *args, timeout=900, returncode=0):
     env = dict(os.environ)
     env.pop("METAKERNELS_BACKEND", None)   # the scripts choose every backend themselves
     r = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, (f"{script} {' '.join(map(str, args))} exited {r.returncode}\n"
-                               f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}")
+    assert r.returncode == returncode, (
+        f"{script} {' '.join(map(str, args))} exited {r.returncode}\n"
+        f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}")
     return r
+
+
+def bench_module(name):
+    """``bench/<name>.py`` imported (the scripts import their siblings by name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def read_csv(path):
@@ -82,6 +98,8 @@ def test_meta_step_quick_writes_one_row_per_variant(meta_step_csv):
         assert float(r["p20_s"]) <= float(r["median_s"]) <= float(r["p80_s"])
         assert r["backend"] == (r["variant"].split("-", 1)[1] if r["variant"].startswith(
             "metakernels-") else "torch")
+        assert (r["dtype"], r["device"]) == ("float32", "cpu")
+        assert r["floor_gemm"] in ("blas float32", "onednn float32")
         if r["variant"] == "naive-peft":
             assert float(r["ratio_naive_peft"]) == 1.0
         if r["variant"] == "naive-full":   # full-parameter: no LoRA meta-gradient to compare
@@ -115,6 +133,7 @@ def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
             assert got == providers, (op, config, mode)
     for r in rows:
         assert_positive(r, OPS_POSITIVE)
+        assert r["device"] == "cpu"
         assert r["metric"] in ("GFLOP/s", "GB/s")
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
 
@@ -151,12 +170,12 @@ def test_meta_step_extra_variants_match_naive_peft(tmp_path):
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
-def test_meta_step_ablate_removes_each_kernel_and_restores_the_step(tmp_path):
+def test_diagnose_ablate_removes_each_kernel_and_restores_the_step():
     """--ablate times the step with each non-GEMM kernel removed and with all removed: every
     ablation must change the meta-gradient (else it removed nothing), and the step must give its
     own meta-gradient again afterwards (the kernels put back)."""
-    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "a.csv", "--variant",
-                   "metakernels-cpu", "--ablate", "--threads", "1", "--repeats", "1")
+    r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--ablate",
+                   "--threads", "1", "--repeats", "1")
     out = r.stdout
     modes = {}
     for line in out.splitlines():
@@ -173,12 +192,12 @@ def test_meta_step_ablate_removes_each_kernel_and_restores_the_step(tmp_path):
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
-def test_meta_step_breakdown_accounts_for_the_step(tmp_path):
+def test_diagnose_breakdown_accounts_for_the_step():
     """--breakdown prints one line per kind of autograd function of the step, each with a time
     that is not negative, "everything else" included (the functions' times do not add up to
     more than the step), and the one-thread against two-thread comparison."""
-    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "b.csv", "--variant",
-                   "metakernels-cpu", "--breakdown", "--threads", "2", "--repeats", "2")
+    r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--breakdown",
+                   "--threads", "2", "--repeats", "2")
     out = r.stdout
     assert "wall time per step inside its autograd functions" in out
     lines = {}
@@ -195,13 +214,12 @@ def test_meta_step_breakdown_accounts_for_the_step(tmp_path):
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
-def test_meta_step_contention_times_the_shares_alone_and_at_once(tmp_path):
+def test_diagnose_contention_times_the_shares_alone_and_at_once():
     """--contention splits T=4 tasks into one share per thread (2 of 2 tasks) and prints each
     timing with a positive time and ratio; with T not a multiple of the threads it says why it
     does nothing instead."""
-    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "c.csv", "--variant",
-                   "metakernels-cpu", "--contention", "--threads", "2", "--repeats", "1",
-                   "--num-tasks", "4")
+    r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--contention",
+                   "--threads", "2", "--repeats", "1", "--num-tasks", "4")
     out = r.stdout
     assert "the meta-batch in 2 shares of 2 tasks, one thread each" in out
     alone = re.search(r"one share alone\s+([\d.]+) s", out)
@@ -212,8 +230,8 @@ def test_meta_step_contention_times_the_shares_alone_and_at_once(tmp_path):
     values = [float(m.group(i)) for m in (alone, at_once, whole, gemm)
               for i in range(1, m.re.groups + 1)]
     assert all(v > 0 for v in values), out
-    r = run_script("meta_step.py", "--quick", "--csv", tmp_path / "c.csv", "--variant",
-                   "metakernels-cpu", "--contention", "--threads", "2", "--repeats", "1")
+    r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--contention",
+                   "--threads", "2", "--repeats", "1")
     assert "--contention needs 2 or more threads dividing T=3" in r.stdout
 
 
@@ -221,12 +239,7 @@ def test_flop_floor_counts_what_the_step_needs():
     """The floor's FLOPs, by hand for a tiny Llama: every linear's forward and input gradient
     per token, but the output layer only on the labelled tokens and no input gradient for the
     first layer's q, k and v (they read the frozen embeddings); the LoRA and attention terms."""
-    import dataclasses
-    sys.path.insert(0, str(BENCH))
-    try:
-        import meta_step as ms
-    finally:
-        sys.path.remove(str(BENCH))
+    ms = bench_module("runner")
     w = dataclasses.replace(ms.check_workloads(ms.Workload())[1], inner_steps=3)
     adapters = ms.initial_adapters(w)
     support, query = ms.make_data(w, w.vocab_size)
@@ -245,3 +258,147 @@ def test_flop_floor_counts_what_the_step_needs():
         want += times * (tokens * (4 * n_layers * layer - 2 * first_qkv + lora)
                          + labelled * 4 * V * d + attn)
     assert ms.flop_floor(w, adapters, support, query) == pytest.approx(want, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16, the CSV's new columns, the GPU paths without a GPU
+# ---------------------------------------------------------------------------------------------
+BF16_VARIANTS = ["naive-peft", "metakernels-torch"] + (
+    ["metakernels-cpu"] if "cpu" in BACKENDS else [])
+
+
+@pytest.fixture(scope="module")
+def meta_step_bf16_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "meta_step_bf16.csv"
+    run_script("meta_step.py", "--quick", "--dtype", "bfloat16", "--csv", path,
+               *[a for v in BF16_VARIANTS for a in ("--variant", v)])
+    return path
+
+
+def quick_workload(*flags):
+    runner = bench_module("runner")
+    import argparse
+    p = argparse.ArgumentParser()
+    runner.add_workload_args(p)
+    return runner.resolve_workload(p.parse_args(["--quick", *flags]))
+
+
+def test_meta_step_bf16_quick_agrees_with_naive_peft_to_bf16_rounding(meta_step_bf16_csv):
+    """Every variant on a bf16 base: one row each, in bf16 (the meta-gradients differ from
+    naive-peft's by bf16 rounding, far more than fp32's ~1e-7, and less than the 4u the check
+    allows), the floor from a bf16 GEMM."""
+    columns, rows = read_csv(meta_step_bf16_csv)
+    assert columns == META_STEP_COLUMNS
+    assert sorted(r["variant"] for r in rows) == sorted(BF16_VARIANTS)
+    for r in rows:
+        assert_positive(r, META_STEP_POSITIVE)
+        assert (r["dtype"], r["device"]) == ("bfloat16", "cpu")
+        assert r["floor_gemm"].endswith(" bfloat16")
+        if r["variant"] != "naive-peft":
+            assert 1e-5 < float(r["rel_err_vs_naive_peft"]) < BF16_RTOL
+
+
+def test_bf16_floor_is_the_steps_flops_at_the_best_bf16_gemm_rate(meta_step_bf16_csv,
+                                                                  meta_step_csv):
+    """The bf16 floor: the same FLOPs as fp32's (the work does not depend on the dtype), over
+    the rate of a GEMM library that multiplies in bf16; every library timed computes the bf16
+    product (so the rate is a bf16 GEMM's), oneDNN's among them where this CPU has bf16 support."""
+    import torch
+    runner, common = bench_module("runner"), bench_module("common")
+    w = quick_workload("--dtype", "bfloat16")
+    adapters = runner.initial_adapters(w)
+    support, query = runner.make_data(w, w.vocab_size)
+    flops = runner.flop_floor(w, adapters, support, query)
+    fns = common.gemm_functions(96, torch.bfloat16)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert set(fns) == {"blas", "onednn"}
+    for lib, f in fns.items():
+        got = f()
+        want = f.a.float() @ f.b.float().T
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, lib
+        assert float((got.float() - want).norm() / want.norm()) < 2 * 2.0 ** -8, lib
+    for path, dtype in ((meta_step_bf16_csv, "bfloat16"), (meta_step_csv, "float32")):
+        _, rows = read_csv(path)
+        for r in rows:
+            assert r["dtype"] == dtype
+            assert float(r["floor_s"]) * float(r["gemm_gflops"]) * 1e9 == pytest.approx(
+                flops, rel=2e-5)
+            lib, floor_dtype = r["floor_gemm"].split()
+            assert floor_dtype == dtype and lib in fns
+            assert float(r["ratio_floor"]) == pytest.approx(
+                float(r["median_s"]) / float(r["floor_s"]), rel=2e-5)
+
+
+def test_csv_of_the_earlier_columns_is_extended_and_plotted(meta_step_csv, meta_step_bf16_csv,
+                                                            tmp_path):
+    """A results file written before the dtype/device columns: appending new rows rewrites it
+    with the new columns (empty in its old rows, every old value kept), and plot.py draws old
+    and new rows (bf16 in a plot of its own); a file of other columns is refused."""
+    common = bench_module("common")
+    _, fp32_rows = read_csv(meta_step_csv)
+    _, bf16_rows = read_csv(meta_step_bf16_csv)
+    old_columns = META_STEP_COLUMNS[:META_STEP_COLUMNS.index("dtype")]
+    path = tmp_path / "meta_step.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(fp32_rows)
+    common.append_csv(path, META_STEP_COLUMNS, bf16_rows)
+    columns, rows = read_csv(path)
+    assert columns == META_STEP_COLUMNS
+    assert len(rows) == len(fp32_rows) + len(bf16_rows)
+    for got, want in zip(rows, fp32_rows):
+        assert all(got[c] == want[c] for c in old_columns)
+        assert (got["dtype"], got["device"], got["floor_gemm"]) == ("", "", "")
+    assert rows[len(fp32_rows):] == bf16_rows
+    run_script("plot.py", "--meta-step-csv", path, "--ops-csv", tmp_path / "none.csv",
+               "--out-dir", tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("meta_step_*.png"))
+    assert len(pngs) == 2 and sum(n.endswith("_bfloat16.png") for n in pngs) == 1, pngs
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="has columns"):
+        common.append_csv(other, META_STEP_COLUMNS, bf16_rows)
+
+
+def test_gpu_presets_and_variants():
+    """The GPU presets are the 1B-class Llama they are documented as; on the CPU the GPU-only
+    variant (triton) is never chosen, on a GPU the CPU-only ones are not."""
+    runner = bench_module("runner")
+    import argparse
+    p = argparse.ArgumentParser()
+    runner.add_workload_args(p)
+    w = runner.resolve_workload(p.parse_args(["--preset", "gpu-fewshot"]))
+    assert w.describe_model() == "llama d2048 l16 h32/8 ff8192 v32000"
+    assert (w.num_tasks, w.support_sizes(), w.query_rows, w.seq_len, w.inner_steps, w.rank,
+            w.targets) == (32, [2] * 32, 2, 64, 5, 16, "qkvo")
+    large = runner.resolve_workload(p.parse_args(["--preset", "gpu-large"]))
+    assert large.describe_model() == w.describe_model()
+    assert large.seq_len > w.seq_len and large.num_tasks < w.num_tasks
+    assert "metakernels-triton" not in runner.select_variants(None, "cpu")
+    assert not runner.can_run("metakernels-cpu", "cuda")
+    assert not runner.can_run("naive-full", "cuda")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the GPU's absence")
+@pytest.mark.parametrize("script", ["meta_step.py", "ops.py"])
+def test_device_cuda_without_a_gpu_exits_with_one_line(script):
+    r = run_script(script, "--device", "cuda", "--quick", returncode=1)
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--device cuda: no CUDA device here" in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the GPU's absence")
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    """bench/gpu_check.sh on a machine without a GPU: it says so, writes summary.md and exits
+    0. The compile checks' pytest stage is skipped here (GPU_CHECK_SKIP_PYTEST=1: no pytest
+    inside pytest), which the summary's table records."""
+    env = dict(os.environ, GPU_CHECK_SKIP_PYTEST="1", PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "out")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no GPU: torch.cuda.is_available() is False" in r.stdout
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "No GPU" in summary
+    assert "| compile checks | skipped (GPU_CHECK_SKIP_PYTEST=1) | 0 |" in summary
+    assert not (tmp_path / "out" / "meta_step.csv").exists()

@@ -7,6 +7,10 @@ the tasks batched. What crosses processes per meta-step is ONE all-reduce of a f
 
 so the meta-gradient is the mean over the kept tasks of the whole meta-batch, whichever process
 ran them, and every process applies the same outer step to the same theta.
+
+With ``trainer.shard_base`` the frozen base is also sharded over the processes with FSDP2
+(``shard_base``), the tasks still split: each process holds 1/N of the base's weights and
+gathers a layer's weights around its forward and its backward (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -140,10 +144,10 @@ def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str
 
 
 def describe_sharding(mem: dict[str, int], world_size: int) -> str:
-    mb = 1 << 20
-    return (f"shard_base: {mem['param_bytes'] / mb:.1f} MB of base parameters sharded over "
-            f"{world_size} processes: {mem['max_local_param_bytes'] / mb:.1f} MB in the largest "
-            f"share (this process {mem['local_param_bytes'] / mb:.1f} MB)")
+    mib = 1 << 20
+    return (f"shard_base: {mem['param_bytes'] / mib:.1f} MiB of base parameters sharded over "
+            f"{world_size} processes: {mem['max_local_param_bytes'] / mib:.1f} MiB in the largest "
+            f"share (this process {mem['local_param_bytes'] / mib:.1f} MiB)")
 
 
 def local_param_bytes(model: torch.nn.Module) -> int:

@@ -142,8 +142,7 @@ PRESETS = {
     "gpu-fewshot": dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32,
                         num_kv_heads=8, intermediate_size=8192, num_tasks=32),
     "gpu-large": dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=32,
-                      num_kv_heads=8, intermediate_size=8192, num_tasks=8, support_rows=4,
-                      query_rows=4, seq_len=512),
+                      num_kv_heads=8, intermediate_size=8192, num_tasks=8, seq_len=512),
 }
 QUICK = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              intermediate_size=0, num_tasks=3, query_rows=2, seq_len=16, inner_steps=2, rank=4,
@@ -155,7 +154,7 @@ def add_workload_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     ``device`` is False: CPU only) and one override per field of ``Workload``."""
     p.add_argument("--preset", choices=list(PRESETS), default="fewshot")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, every variant once, no warm-up (the CI smoke test)")
+                   help="tiny sizes, one timed step (the CI smoke test)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="of the base model in every variant (default float32); the adapters, "
                         "theta and the fast weights stay fp32")

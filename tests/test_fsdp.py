@@ -35,10 +35,13 @@ MEASURE = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_siz
            "trainer.progress_bar=false", "trainer.loggers=[]"]
 
 
-@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
-def test_sharded_base_two_processes_equal_one(tmp_path, algorithm):
+# gpt2: Conv1D layers and an input embedding tied to the output layer (left whole)
+@pytest.mark.parametrize("algorithm,family", [("fomaml", "llama"), ("reptile", "llama"),
+                                              ("fomaml", "gpt2")])
+def test_sharded_base_two_processes_equal_one(tmp_path, algorithm, family):
     # 5 tasks over 2 processes: uneven shares (2 + 3), the same passes through the base
-    args = ARGS + [f"meta.algorithm={algorithm}", f"trainer.output_dir={tmp_path}"]
+    args = ARGS + [f"meta.algorithm={algorithm}", f"model.family={family}",
+                   f"trainer.output_dir={tmp_path}"]
     r = _torchrun(2, args + ["trainer.experiment_name=two", "trainer.shard_base=true"])
     assert r.returncode == 0, _output(r)
     assert "shard_base:" in r.stdout, _output(r)
@@ -80,7 +83,7 @@ def test_sharded_base_halves_the_parameters_per_process(tmp_path):
         for rank, row in rows.items():
             print(f"{n} process(es), rank {rank}: base parameters "
                   f"{row['local_param_bytes'] / 2**20:.2f} MiB, RSS added by building the "
-                  f"base {row['build_rss_bytes'] / 2**20:.1f} MiB, peak RSS in training "
+                  f"trainer {row['build_rss_bytes'] / 2**20:.1f} MiB, peak RSS in training "
                   f"{row['train_peak_rss_bytes'] / 2**20:.1f} MiB")
 
 

@@ -14,6 +14,7 @@ from metakernels.data import (DataError, TaskData, TaskSampler, build_char_token
                               builtin_tasks, get_task, load_examples, load_task_dir,
                               load_task_file, load_tasks, load_tokenizer, make_task_data,
                               tokenize_example, write_task_file)
+from metakernels.data.tasks import hidden_task, is_train_input
 from metakernels.data.tokenizer import CHARS, SPECIAL_TOKENS
 
 
@@ -52,21 +53,47 @@ def test_char_tokenizer_fixed_ids_and_roundtrip(tok, tmp_path):
 
 # --- procedural tasks --------------------------------------------------------------------------
 
-def test_builtin_splits_disjoint_and_sized():
-    train, heldout = builtin_tasks("train"), builtin_tasks("heldout")
+@pytest.mark.parametrize("suite,sizes", [("suffix", (20, 6)), ("order_suffix", (40, 12)),
+                                         ("families", (37, 11))])
+def test_builtin_splits_disjoint_and_sized(suite, sizes):
+    train, heldout = builtin_tasks("train", suite), builtin_tasks("heldout", suite)
     train_names = {t.name for t in train}
     heldout_names = {t.name for t in heldout}
-    assert len(train_names) == len(train) and 30 <= len(train) <= 60
-    assert len(heldout_names) == len(heldout) and 8 <= len(heldout) <= 16
+    assert (len(train_names), len(heldout_names)) == (len(train), len(heldout)) == sizes
     assert not train_names & heldout_names
     # held-out rules are new members of families seen in training
     assert {t.family for t in heldout} <= {t.family for t in train}
     with pytest.raises(ValueError, match="split"):
-        builtin_tasks("test")
+        builtin_tasks("test", suite)
+    with pytest.raises(ValueError, match="unknown built-in suite 'nope'"):
+        builtin_tasks("train", "nope")
 
 
-@pytest.mark.parametrize("task", builtin_tasks("train") + builtin_tasks("heldout"),
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("suite", ["suffix", "order_suffix"])
+def test_hidden_rule_suites_hide_the_rule_and_hold_out_inputs(suite):
+    train, heldout = builtin_tasks("train", suite), builtin_tasks("heldout", suite)
+    # the same prompt gets a different answer from every task: only examples tell them apart
+    assert len({t.rule("123") for t in train}) == len(train)
+    letters = lambda tasks: {t.rule("000")[-1] for t in tasks}
+    assert not letters(train) & letters(heldout)  # held-out suffixes never trained on
+    for tasks, train_half in ((train, True), (heldout, False)):
+        for t in tasks:
+            for p, r in t.sample_distinct(random.Random(1), 40):
+                x = p[:-1]
+                assert len(x) == 3 and x.isdigit() and is_train_input(x) == train_half
+                assert r[:3] in (x, x[::-1]) and len(r) == 4 and r[3].isalpha()
+
+
+def test_hidden_task_rule():
+    fwd, rev = hidden_task("q"), hidden_task("q", reverse=True)
+    assert (fwd.name, rev.name) == ("suffix_q", "rev_suffix_q")
+    assert (fwd.rule("381"), rev.rule("381")) == ("381q", "183q")
+    with pytest.raises(ValueError, match="one lowercase letter"):
+        hidden_task("Q")
+
+
+@pytest.mark.parametrize("task", builtin_tasks("train", "families")
+                         + builtin_tasks("heldout", "families"), ids=lambda t: t.name)
 def test_builtin_task_deterministic_and_fits(task, tok):
     def draw(seed):
         rng = random.Random(seed)
@@ -320,7 +347,7 @@ def _file_tasks(n_tasks, n_rows, tok):
 
 
 def test_sampler_deterministic_and_shaped(tok):
-    tasks = builtin_tasks("train")
+    tasks = builtin_tasks("train", "families")
     make = lambda seed: TaskSampler(tasks, meta_batch_size=4, support_size=5, query_size=3,
                                     seed=seed, tokenizer=tok)
     a, b = make(0), make(0)

@@ -215,9 +215,79 @@ def get_task(name: str) -> ProceduralTask:
                      f"{', '.join(FAMILY_PATTERNS)}")
 
 
-def builtin_tasks(split: str) -> list[ProceduralTask]:
-    """The built-in ``"train"`` (37 tasks) or ``"heldout"`` (11 tasks) set; the two are disjoint."""
-    names = {"train": TRAIN_TASK_NAMES, "heldout": HELDOUT_TASK_NAMES}.get(split)
-    if names is None:
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+def _hidden_rule(reverse: bool, suffix: str, x: str) -> str:
+    return (x[::-1] if reverse else x) + suffix
+
+
+def _hidden_input(rng: random.Random, train_inputs: bool) -> str:
+    """Three digits, from the training or the held-out half of the 1000 strings."""
+    while True:
+        x = "".join(rng.choice(string.digits) for _ in range(3))
+        if is_train_input(x) == train_inputs:
+            return x
+
+
+def is_train_input(x: str) -> bool:
+    """Whether the digit string ``x`` is in the training half of the hidden-rule inputs (an
+    even digit sum): held-out tasks are scored on strings no training task ever showed."""
+    return sum(map(int, x)) % 2 == 0
+
+
+def hidden_task(suffix: str, reverse: bool = False, heldout_inputs: bool = False
+                ) -> ProceduralTask:
+    """Three digits, copied (or reversed), then the letter ``suffix``: ``"381>"`` gives
+    ``"381q"`` for ``suffix_q`` and ``"183q"`` for ``rev_suffix_q``. The prompt carries neither
+    the letter nor the order; inputs come from the held-out half with ``heldout_inputs``."""
+    if len(suffix) != 1 or suffix not in _LOWER:
+        raise ValueError(f"hidden-rule suffix must be one lowercase letter, got {suffix!r}")
+    name = ("rev_" if reverse else "") + f"suffix_{suffix}"
+    make_input = functools.partial(_hidden_input, train_inputs=not heldout_inputs)
+    return ProceduralTask(name, "rev_suffix" if reverse else "suffix",
+                          functools.partial(_hidden_rule, reverse, suffix), make_input)
+
+
+# Hidden-rule suites (MAML's sinusoids in text): every task answers the same kind of prompt
+# (three digits) through a rule whose parameter only the support examples reveal, so the
+# answers of different tasks to one prompt conflict and a model trained on the task mixture
+# can at best predict the mixture. Held-out tasks have parameters no training task has (the
+# last 6 letters) and are scored on the held-out half of the inputs.
+HIDDEN_TRAIN_LETTERS = _LOWER[:20]
+HIDDEN_HELDOUT_LETTERS = _LOWER[20:]
+
+
+def _suffix_suite(split: str) -> list[ProceduralTask]:
+    held = split == "heldout"
+    letters = HIDDEN_HELDOUT_LETTERS if held else HIDDEN_TRAIN_LETTERS
+    return [hidden_task(c, False, held) for c in letters]
+
+
+def _order_suffix_suite(split: str) -> list[ProceduralTask]:
+    held = split == "heldout"
+    letters = HIDDEN_HELDOUT_LETTERS if held else HIDDEN_TRAIN_LETTERS
+    return [hidden_task(c, rev, held) for c in letters for rev in (False, True)]
+
+
+def _families_suite(split: str) -> list[ProceduralTask]:
+    names = {"train": TRAIN_TASK_NAMES, "heldout": HELDOUT_TASK_NAMES}[split]
     return [get_task(n) for n in names]
+
+
+# name -> builder of the "train" or "heldout" split; "builtin:<name>" in data.tasks
+SUITES: dict[str, Callable[[str], list[ProceduralTask]]] = {
+    # a hidden suffix letter: 20 training tasks, 6 held-out ones
+    "suffix": _suffix_suite,
+    # a hidden suffix letter and a hidden order (copy or reverse): 40 and 12 tasks
+    "order_suffix": _order_suffix_suite,
+    # the procedural families above, each held-out task a new mapping (37 and 11 tasks)
+    "families": _families_suite,
+}
+DEFAULT_SUITE = "suffix"
+
+
+def builtin_tasks(split: str, suite: str = DEFAULT_SUITE) -> list[ProceduralTask]:
+    """The ``"train"`` or ``"heldout"`` tasks of the built-in ``suite``; the two are disjoint."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if suite not in SUITES:
+        raise ValueError(f"unknown built-in suite {suite!r}; choose from {', '.join(SUITES)}")
+    return SUITES[suite](split)

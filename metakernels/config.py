@@ -42,7 +42,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    tasks: str = "builtin"                 # "builtin" or a directory written by metakernels.prepare
+    # "builtin" (the default built-in suite), "builtin:<suite>" (metakernels/data/tasks.py,
+    # SUITES) or a directory written by metakernels.prepare
+    tasks: str = "builtin"
     support_size: int = 8
     query_size: int = 8
     max_length: int = 48
@@ -88,6 +90,13 @@ class TrainerConfig:
     # under torchrun: the frozen base's parameters sharded over the processes with FSDP2
     # (each holds 1/N of them), the tasks still split (metakernels/distributed.py)
     shard_base: bool = False
+    # held-out validation: every eval_every steps (and at the first and last), each held-out
+    # task adapts from theta on eval_shots fixed support examples (eval_seeds draws) and is
+    # scored on eval_query_size fixed query examples; 0 turns it off
+    eval_every: int = 25
+    eval_shots: int = 5
+    eval_seeds: int = 2
+    eval_query_size: int = 16
 
 
 @dataclass
@@ -278,7 +287,8 @@ def validate(cfg: Config) -> None:
                 "data.query_size": d.query_size, "data.max_length": d.max_length,
                 "meta.meta_batch_size": me.meta_batch_size, "meta.inner_lr": me.inner_lr,
                 "meta.outer_lr": me.outer_lr, "trainer.total_steps": tr.total_steps,
-                "trainer.log_every": tr.log_every, "trainer.save_every": tr.save_every}
+                "trainer.log_every": tr.log_every, "trainer.save_every": tr.save_every,
+                "trainer.eval_seeds": tr.eval_seeds, "trainer.eval_query_size": tr.eval_query_size}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -286,7 +296,8 @@ def validate(cfg: Config) -> None:
                     "meta.inner_max_grad_norm": me.inner_max_grad_norm,
                     "meta.weight_decay": me.weight_decay, "meta.max_grad_norm": me.max_grad_norm,
                     "meta.warmup_steps": me.warmup_steps, "meta.task_chunk": me.task_chunk,
-                    "trainer.max_nonfinite_steps": tr.max_nonfinite_steps}
+                    "trainer.max_nonfinite_steps": tr.max_nonfinite_steps,
+                    "trainer.eval_every": tr.eval_every, "trainer.eval_shots": tr.eval_shots}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
@@ -296,6 +307,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.hidden_size={m.hidden_size}, model.num_heads={m.num_heads}, "
                           f"model.num_kv_heads={m.num_kv_heads}: hidden_size must divide by "
                           f"num_heads and num_heads by num_kv_heads")
+    if d.tasks.startswith("builtin:"):
+        from .data.tasks import SUITES
+        if d.tasks.split(":", 1)[1] not in SUITES:
+            raise ConfigError(f"data.tasks: unknown built-in suite {d.tasks!r}; choose from "
+                              f"{', '.join('builtin:' + n for n in SUITES)}")
     if isinstance(m.target_modules, list) and not m.target_modules:
         raise ConfigError("model.target_modules: empty list; give module names or 'all-linear'")
     bad = [x for x in tr.loggers if x not in LOGGERS]

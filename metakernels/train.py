@@ -59,8 +59,8 @@ def build_tasks(cfg: Config, tokenizer, split: str = "train"):
     from .data.tasks import builtin_tasks
 
     d = cfg.data
-    if d.tasks == "builtin":
-        return builtin_tasks(split)
+    if d.tasks == "builtin" or d.tasks.startswith("builtin:"):
+        return builtin_tasks(split, *d.tasks.split(":", 1)[1:])
     root = Path(d.tasks)
     if split != "train":
         root = root.parent / f"{root.name}_{split}" if not (root / split).is_dir() else root / split
@@ -237,6 +237,59 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.history: list[dict] = []
+        self.val_tasks = self._build_validation()
+
+    # -- held-out validation ----------------------------------------------------------------
+    def _build_validation(self):
+        """The held-out tasks frozen for validation (fixed support and query draws), or None
+        when ``trainer.eval_every`` is 0 or the task source has no held-out split."""
+        from .data.loader import DataError
+        from .evaluate import build_eval_tasks
+
+        tr = self.cfg.trainer
+        if tr.eval_every == 0:
+            return None
+        try:
+            tasks = build_tasks(self.cfg, self.tokenizer, "heldout")
+        except (FileNotFoundError, DataError) as e:
+            warnings.warn(f"no held-out tasks for validation ({e}); val/ metrics are not logged")
+            return None
+        return build_eval_tasks(tasks, self.tokenizer, self.cfg, n_query=tr.eval_query_size,
+                                max_shots=tr.eval_shots, seeds=tr.eval_seeds,
+                                data_seed=tr.seed)
+
+    def validate(self) -> dict:
+        """Adapted query loss and token accuracy on the held-out tasks at the current theta.
+
+        Every (task, seed) row adapts from theta on its fixed ``trainer.eval_shots`` support
+        examples with the training inner loop, all rows in one batched pass, and is scored on
+        the task's fixed query set; the same draws at every call, so the curve moves only with
+        theta. ``val/loss_before`` is the query loss at theta itself (no adaptation)."""
+        from .batch import pack_tasks
+        from .evaluate import adapt_rows, query_metrics
+
+        tasks, pad_id = self.val_tasks, self.tokenizer.pad_token_id
+        rows = [(t, s) for t in tasks for s in range(len(t.support))]
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout: the same draws give the same numbers
+        try:
+            theta = self.bank.theta.detach()
+            fast, alive = adapt_rows(self.model, self.bank, theta,
+                                     [t.support[s] for t, s in rows], self.inner, pad_id)
+            device = self.cfg.trainer.device
+            query = pack_tasks([t.query for t, _ in rows], pad_id).to(device)
+            losses, accs = query_metrics(self.model, self.bank, fast, query)
+            before, _ = query_metrics(self.model, self.bank,
+                                      theta[None].expand(len(tasks), -1).contiguous(),
+                                      pack_tasks([t.query for t in tasks], pad_id).to(device))
+        finally:
+            self.model.train(was_training)
+        ok = alive & torch.isfinite(losses)
+        nan = float("nan")
+        return {"val/loss": float(losses[ok].mean()) if ok.any() else nan,
+                "val/token_accuracy": float(accs[ok].mean()) if ok.any() else nan,
+                "val/loss_before": float(before.mean()),
+                "val/diverged": int((~ok).sum())}
 
     # -- one meta-step ----------------------------------------------------------------------
     def _local_step(self, support, query):
@@ -357,6 +410,14 @@ class Trainer:
         return True
 
     # -- the loop ---------------------------------------------------------------------------
+    def _print_val(self, m: dict, bar) -> None:
+        if not (self.is_main and "console" in self.cfg.trainer.loggers):
+            return
+        msg = (f"step {m['step']:5d} | val: adapted query loss {m['val/loss']:.4f} "
+               f"(at theta {m['val/loss_before']:.4f}) | token acc "
+               f"{m['val/token_accuracy']:.3f}")
+        (bar.write(msg) if bar is not None else print(msg, flush=True))
+
     def train(self) -> list[dict]:
         cfg = self.cfg
         resumed = cfg.trainer.resume and self.resume()
@@ -370,8 +431,12 @@ class Trainer:
             bar = tqdm(total=cfg.trainer.total_steps, initial=self.step, desc="meta-train",
                        dynamic_ncols=True, file=sys.stderr)
         try:
+            every = cfg.trainer.eval_every
             while self.step < cfg.trainer.total_steps:
+                val = (self.validate() if self.val_tasks is not None and self.step % every == 0
+                       else {})
                 m = self.train_step()
+                m.update(val)
                 loggers.log(m)
                 self.history.append(m)
                 if bar is not None:
@@ -386,8 +451,15 @@ class Trainer:
                            f"{m['stage1/loss_after']:.4f} | gap {m['adaptation_gap']:+.4f} | "
                            f"{m['time_per_step']:.2f} s/step | {m['tokens_per_s']:.0f} tok/s")
                     (bar.write(msg) if bar is not None else print(msg, flush=True))
+                if val:
+                    self._print_val(m, bar)
                 if self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.total_steps:
                     self.save()
+            if self.val_tasks is not None:  # theta after the last update
+                m = {"step": self.step, **self.validate()}
+                loggers.log(m)
+                self.history.append(m)
+                self._print_val(m, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -397,8 +469,22 @@ class Trainer:
         return self.history
 
 
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (a step's value and the ``window - 1`` before it)."""
+    out, total, q = [], 0.0, []
+    for v in values:
+        q.append(v)
+        total += v
+        if len(q) > window:
+            total -= q.pop(0)
+        out.append(total / len(q))
+    return out
+
+
 def plot_metrics(jsonl: Path, png: Path) -> None:
-    """Loss curves (stage-1 support loss before/after adaptation, stage-2 meta loss) to PNG."""
+    """Loss curves to PNG: the held-out validation loss (adapted, and at theta), the per-step
+    meta loss and support losses (faint, with a moving average: one meta-batch of a few tasks
+    is a noisy estimate)."""
     if not jsonl.exists():
         return
     import matplotlib
@@ -406,17 +492,31 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    train_rows = [r for r in rows if "stage2/meta_loss" in r]
+    val_rows = [r for r in rows if "val/loss" in r]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("stage1/loss_before", "support loss at theta (before adaptation)"),
-                       ("stage1/loss_after", "support loss, last inner step"),
-                       ("stage2/meta_loss", "query loss after adaptation (meta loss)")):
-        ax.plot(steps, [r[key] for r in rows], label=label, lw=1)
+    window = max(1, len(train_rows) // 20)
+    steps = [r["step"] for r in train_rows]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (key, label) in enumerate((
+            ("stage1/loss_before", "support loss at theta"),
+            ("stage1/loss_after", "support loss, last inner step"),
+            ("stage2/meta_loss", "query loss after adaptation (meta loss)"))):
+        ys = [r[key] for r in train_rows]
+        ax.plot(steps, ys, color=colors[k], lw=0.5, alpha=0.3)
+        ax.plot(steps, _smooth(ys, window), color=colors[k], lw=1,
+                label=f"{label}, mean of {window} steps" if window > 1 else label)
+    if val_rows:
+        vs = [r["step"] for r in val_rows]
+        ax.plot(vs, [r["val/loss"] for r in val_rows], "o-", color="black", lw=1.5, ms=3,
+                label="held-out tasks: query loss after adaptation (val/loss)")
+        ax.plot(vs, [r["val/loss_before"] for r in val_rows], "s--", color="gray", lw=1,
+                ms=2, label="held-out tasks: query loss at theta (val/loss_before)")
     ax.set_xlabel("meta-step")
     ax.set_ylabel("token-mean cross-entropy")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -448,12 +548,19 @@ def main(argv=None) -> int:
         dist.shutdown()
         raise
     dist.shutdown(barrier=True)
-    if trainer.is_main and hist:
-        k = max(1, len(hist) // 10)
-        first = sum(h["stage2/meta_loss"] for h in hist[:k]) / k
-        last = sum(h["stage2/meta_loss"] for h in hist[-k:]) / k
+    steps = [h for h in hist if "stage2/meta_loss" in h]
+    if trainer.is_main and steps:
+        k = max(1, len(steps) // 10)
+        first = sum(h["stage2/meta_loss"] for h in steps[:k]) / k
+        last = sum(h["stage2/meta_loss"] for h in steps[-k:]) / k
         print(f"done: meta_loss {first:.4f} (first {k} steps) -> {last:.4f} (last {k} steps); "
               f"run directory {trainer.run_dir}")
+        val = [h for h in hist if "val/loss" in h]
+        if val:
+            best = min(val, key=lambda h: h["val/loss"])
+            print(f"held-out validation loss: {val[0]['val/loss']:.4f} at step "
+                  f"{val[0]['step']}, best {best['val/loss']:.4f} at step {best['step']}, "
+                  f"{val[-1]['val/loss']:.4f} at step {val[-1]['step']}")
     return 0
 
 

@@ -73,7 +73,13 @@ def test_every_algorithm_runs_and_writes_outputs(tmp_path, algorithm):
     run = _run(tmp_path, f"meta.algorithm={algorithm}", "trainer.total_steps=3",
                "trainer.save_every=2")
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    # three meta-steps, then the held-out validation of the final theta
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert "val/loss" in rows[0] and "val/loss" in rows[3] and "val/loss" not in rows[1]
+    val, rows = rows[3], rows[:3]
+    assert set(val) == {"step", "val/loss", "val/token_accuracy", "val/loss_before",
+                        "val/diverged"}
+    assert val["val/loss"] == val["val/loss"] and val["val/diverged"] == 0
     for r in rows:
         for key in ("stage2/meta_loss", "adaptation_gap", "time_per_step", "tokens_per_s",
                     "peak_memory_mb"):
@@ -127,5 +133,44 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
     b = load_checkpoint(latest_checkpoint(broken))[0]
     assert torch.equal(a["theta"], b["theta"])
     assert torch.equal(a["outer/exp_avg_sq"], b["outer/exp_avg_sq"])
-    steps = [json.loads(ln)["step"] for ln in (broken / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(6))
+    rows = [json.loads(ln) for ln in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "stage2/meta_loss" in r] == list(range(6))
+    assert [r["step"] for r in rows if "val/loss" in r] == [0, 6]
+
+
+def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alone(tmp_path):
+    from metakernels import evaluate as ev
+
+    args = SMALL + [f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
+                    "trainer.eval_shots=3", "trainer.eval_seeds=2", "trainer.eval_query_size=5"]
+    t = train.Trainer(load_config(None, args + ["trainer.eval_every=1"]))
+    t.train_step()
+    theta = t.bank.theta.detach().clone()
+    val = t.validate()
+    assert torch.equal(t.bank.theta.detach(), theta) and t.validate() == val  # fixed draws
+    # the same numbers from the evaluator: the held-out tasks, 3 shots, 2 seeds, 5 queries
+    setup = ev.Setup(t.cfg, t.tokenizer, t.model, t.bank, theta)
+    settings = ev.EvalSettings([3], 2, t.inner, max_new_tokens=6)
+    r = ev.evaluate_contender(setup, ev.Contender("meta", theta, ""), t.val_tasks, 3, settings,
+                              ev.stop_token_ids(t.tokenizer))
+    assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()), rel=1e-5)
+    assert val["val/token_accuracy"] == pytest.approx(
+        float(r["values"]["token_accuracy"].mean()), rel=1e-5)
+    assert [x.name for x in t.val_tasks] == [x.name for x in train.build_tasks(
+        t.cfg, t.tokenizer, "heldout")]
+    # validating every step changes nothing in what training computes
+    t.train_step()
+    quiet = train.Trainer(load_config(None, args + ["trainer.eval_every=0"]))
+    assert quiet.val_tasks is None
+    quiet.train_step()
+    quiet.train_step()
+    assert torch.equal(quiet.bank.theta.detach(), t.bank.theta.detach())
+
+
+def test_builtin_suite_is_chosen_by_name():
+    cfg = load_config(None, ["data.tasks=builtin:order_suffix"])
+    tok = train.build_tokenizer(cfg)
+    assert len(train.build_tasks(cfg, tok)) == 40
+    assert len(train.build_tasks(cfg, tok, "heldout")) == 12
+    with pytest.raises(ConfigError, match="data.tasks: unknown built-in suite 'builtin:nope'"):
+        load_config(None, ["data.tasks=builtin:nope"])

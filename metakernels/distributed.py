@@ -14,10 +14,12 @@ gathers a layer's weights around its forward and its backward (docs/distributed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -116,31 +118,139 @@ def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str
     process runs the same passes per meta-step (K support steps and one query pass; the frozen
     parameters get no gradient, so nothing is reduce-scattered).
     """
+    check_shardable(cfg, world_size)
+    if not getattr(model, "_metakernels_sharded", False):   # else load_sharded_base did it
+        _fully_shard(model, world_size)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # global shapes
+    local = local_param_bytes(model)
+    largest = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return {"param_bytes": total, "local_param_bytes": local,
+            "max_local_param_bytes": int(largest)}
+
+
+def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
+    """``fully_shard`` on each decoder layer, then on ``model.base_model`` (see ``shard_base``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    check_shardable(cfg, world_size)
     base = model.base_model
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (world_size,))
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in layer_types]
     if not layers:
         raise ValueError(f"trainer.shard_base: found no decoder layers in {type(model).__name__} "
                          f"(no module of the classes {sorted(layer_types)} it names in "
                          f"_no_split_modules)")
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     out = model.get_output_embeddings()
     tied = {out.weight} if out is not None and any(
         p is out.weight for p in base.parameters()) else None
     fully_shard(base, mesh=mesh, ignored_params=tied)
-    local = local_param_bytes(model)
-    largest = torch.tensor([local], dtype=torch.float64)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return {"param_bytes": total, "local_param_bytes": local,
-            "max_local_param_bytes": int(largest)}
+    model._metakernels_sharded = True
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the ``meta`` device (no memory), their
+    buffers (rotary frequencies, computed at construction and not in the checkpoint) real.
+    Each parameter is moved as it is registered, so building holds at most one at a time; one
+    registered again (weight tying assigns the same parameter to a second module) is kept."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"),
+                                                   requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _safetensors_keys(path: Path) -> dict[str, Path]:
+    """Tensor name -> file of a Hugging Face checkpoint directory (one file or an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: path / f for k, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"model.path={path}: trainer.shard_base loads safetensors "
+                                f"checkpoints (model.safetensors or its index); found neither")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
+    """The base of ``model.path`` built and sharded without any process holding it whole.
+
+    The model is built with its parameters on the ``meta`` device, the metakernels layers are
+    switched in (``model.fused_layers``), ``fully_shard`` is applied as ``shard_base`` does, the
+    shards are allocated on the device, and each process reads from the safetensors files only
+    the rows of each weight it holds (``get_slice``; the files are memory-mapped). The unsharded
+    parameters (the output layer, a tied embedding) are read whole. Same values as
+    ``from_pretrained`` (the checkpoint's tensors cast to ``model.dtype``)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .train import DTYPES
+
+    check_shardable(cfg, world_size)
+    m = cfg.model
+    path = Path(m.path)
+    if not path.exists():
+        raise FileNotFoundError(f"model.path={m.path} does not exist (models are loaded from a "
+                                f"local directory; nothing is downloaded)")
+    files = _safetensors_keys(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code,
+                                        local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code)
+    if m.fused_layers:
+        from .fused import apply_fused_layers
+
+        apply_fused_layers(model)
+    out = model.get_output_embeddings()
+    tied = out is not None and any(p is out.weight for p in model.base_model.parameters())
+    _fully_shard(model, world_size)
+    device = torch.device(cfg.trainer.device)
+    buffers = [(mod, name, b) for mod in model.modules() for name, b in mod._buffers.items()
+               if b is not None]
+    model.to_empty(device=device)       # uninitialised shards: every one is read below
+    for mod, name, b in buffers:        # to_empty left the buffers uninitialised too
+        mod._buffers[name] = b.to(device)
+    if tied:
+        model.tie_weights()             # to_empty gave the output layer a tensor of its own
+    rank = dist.get_rank()
+    prefix = model.base_model_prefix + "."
+    opened: dict[Path, object] = {}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name if name in files else name.removeprefix(prefix)
+            if key not in files:
+                raise KeyError(f"model.path={m.path}: the checkpoint has no tensor {name!r}")
+            if files[key] not in opened:
+                opened[files[key]] = stack.enter_context(safe_open(str(files[key]), "pt"))
+            rows = opened[files[key]].get_slice(key)
+            if isinstance(p, DTensor):
+                local = p.to_local()
+                # FSDP2's dim-0 shards are torch.chunk's: ceil(n / N) rows each, the last fewer
+                first = rank * -(-p.shape[0] // world_size)
+                local.copy_(rows[first:first + local.shape[0]])
+            else:
+                p.copy_(rows[:])
+    return model.eval()
 
 
 def describe_sharding(mem: dict[str, int], world_size: int) -> str:

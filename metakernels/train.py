@@ -205,7 +205,11 @@ class Trainer:
             support_size=cfg.data.support_size, query_size=cfg.data.query_size,
             seed=cfg.trainer.seed, tokenizer=self.tokenizer, max_length=cfg.data.max_length,
             apply_chat_template=cfg.data.apply_chat_template, weighting=cfg.meta.task_sampling)
-        self.model = build_model(cfg, len(self.tokenizer))
+        if cfg.trainer.shard_base and cfg.model.path is not None:
+            # read shard by shard: no process holds the whole base, even while loading
+            self.model = dist.load_sharded_base(cfg, self.world_size)
+        else:
+            self.model = build_model(cfg, len(self.tokenizer))
         m = cfg.model
         oracle_base = None
         if cfg.meta.algorithm == "naive_fomaml":

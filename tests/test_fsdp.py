@@ -35,13 +35,10 @@ MEASURE = ["model.hidden_size=64", "model.num_layers=2", "model.intermediate_siz
            "trainer.progress_bar=false", "trainer.loggers=[]"]
 
 
-# gpt2: Conv1D layers and an input embedding tied to the output layer (left whole)
-@pytest.mark.parametrize("algorithm,family", [("fomaml", "llama"), ("reptile", "llama"),
-                                              ("fomaml", "gpt2")])
-def test_sharded_base_two_processes_equal_one(tmp_path, algorithm, family):
-    # 5 tasks over 2 processes: uneven shares (2 + 3), the same passes through the base
-    args = ARGS + [f"meta.algorithm={algorithm}", f"model.family={family}",
-                   f"trainer.output_dir={tmp_path}"]
+def _equal_to_one_process(tmp_path, args):
+    """Runs ``args`` on 2 processes with the sharded base and in this process unsharded; the
+    thetas after the run must agree."""
+    args = args + [f"trainer.output_dir={tmp_path}"]
     r = _torchrun(2, args + ["trainer.experiment_name=two", "trainer.shard_base=true"])
     assert r.returncode == 0, _output(r)
     assert "shard_base:" in r.stdout, _output(r)
@@ -52,6 +49,29 @@ def test_sharded_base_two_processes_equal_one(tmp_path, algorithm, family):
     ref = one.bank.theta.detach()
     assert float((ref - theta0).norm()) > 0
     assert float((two - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "reptile"])
+def test_sharded_base_two_processes_equal_one(tmp_path, algorithm):
+    # 5 tasks over 2 processes: uneven shares (2 + 3), the same passes through the base
+    _equal_to_one_process(tmp_path, ARGS + [f"meta.algorithm={algorithm}"])
+
+
+# gpt2: Conv1D layers and an input embedding tied to the output layer (left whole)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sharded_load_equals_whole_load(tmp_path, family):
+    # model.path with shard_base: each process reads only its rows of the checkpoint; the one
+    # process of the reference loads it with from_pretrained
+    from metakernels.data.tokenizer import load_tokenizer
+    from metakernels.models import build_tiny_model
+
+    tok = load_tokenizer(None)
+    ckpt = tmp_path / "ckpt"
+    build_tiny_model(family, seed=3, vocab_size=len(tok), hidden_size=32, num_layers=2,
+                     num_heads=4, num_kv_heads=2, intermediate_size=64,
+                     initializer_range=0.1).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    _equal_to_one_process(tmp_path, ARGS + [f"model.path={ckpt}"])
 
 
 def _measured(stdout: str) -> dict[int, dict[str, int]]:
@@ -121,10 +141,12 @@ def _status_bytes(field: str) -> int:
 
 
 def measure(overrides: list[str]) -> None:
-    """One process of a run: prints ``rank R: local_param_bytes=.. build_rss_bytes=..
-    train_peak_rss_bytes=..``: the base's parameters this process holds, the RSS that building
-    the trainer (tokenizer, tasks, base, adapters; sharding) added, and the peak RSS of the
-    training steps above nothing (the high-water mark reset once the trainer is built)."""
+    """One process of a run: prints ``rank R: local_param_bytes=.. build_peak_rss_bytes=..
+    build_rss_bytes=.. train_start_rss_bytes=.. train_peak_rss_bytes=.. last_step_us=..``: the
+    base's parameters this process holds; the peak RSS while building the trainer (tokenizer,
+    tasks, base, adapters; sharding or the sharded load) and the RSS it added, both above the RSS
+    before; the RSS when training starts and its peak in training (the high-water mark reset
+    once the trainer is built); the last meta-step's time."""
     import gc
 
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports not counted)
@@ -134,7 +156,10 @@ def measure(overrides: list[str]) -> None:
 
     cfg = load_config(None, overrides)
     rss0 = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     trainer = Trainer(cfg)
+    build_peak = _status_bytes("VmHWM") - rss0
     gc.collect()
     built = _status_bytes("VmRSS") - rss0
     with open("/proc/self/clear_refs", "w") as f:
@@ -143,7 +168,8 @@ def measure(overrides: list[str]) -> None:
     trainer.train()
     peak = _status_bytes("VmHWM")
     print(f"rank {trainer.rank}: local_param_bytes={dist.local_param_bytes(trainer.model)} "
-          f"build_rss_bytes={built} train_start_rss_bytes={start} train_peak_rss_bytes={peak} "
+          f"build_peak_rss_bytes={build_peak} build_rss_bytes={built} "
+          f"train_start_rss_bytes={start} train_peak_rss_bytes={peak} "
           f"last_step_us={int(trainer.history[-1]['time_per_step'] * 1e6)}", flush=True)
     dist.shutdown(barrier=True)
 

@@ -21,6 +21,10 @@
 // one task, so that dK and dV are accumulated without races. A query row with no key to attend to
 // (a fully masked row) gets a zero output and lse = +inf, so that it passes no gradient.
 //
+// bfloat16 q, k, v (a bf16 base) are computed in fp32: each head's rows are converted in the
+// thread's scratch as the head is reached, and its output and gradients rounded to bf16 once;
+// lse stays fp32.
+//
 // Layouts: q [B, H, Lq, D], k/v [B, Hkv, Lk, D], any strides with a unit last stride (the
 // projections' [B, L, H, D] outputs, transposed); mask: none (causal when `causal`, else full)
 // or bool [B or 1, 1, Lq, Lk], true = attend. The output and dq are allocated [B, Lq, H, D] and
@@ -48,14 +52,65 @@ struct AttnDims {
   int64_t B, H, Hkv, Lq, Lk, D, group;
 };
 
-struct Strided {  // a [B, H, L, D] tensor's data and strides
-  const float* p;
+// A [B, H, L, D] float32 or bfloat16 tensor's data and strides. A head's rows are handed to the
+// products as floats: a float32 head in place; a bfloat16 head converted into the thread's scratch
+// (row stride D), and its results written there and rounded into the tensor once the head is done
+// (flush). The products, softmax and lse are fp32 either way.
+struct Strided {
+  void* p;
   int64_t sb, sh, sl;
-  const float* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+  bool bf16;
+  int64_t offset(int64_t b, int64_t h) const { return b * sb + h * sh; }
+  float* f32(int64_t b, int64_t h) const { return static_cast<float*>(p) + offset(b, h); }
+  bf16_t* b16(int64_t b, int64_t h) const { return static_cast<bf16_t*>(p) + offset(b, h); }
+};
+
+struct Rows {  // L rows of D floats
+  float* p;
+  int64_t ld;
 };
 
 Strided strided(const at::Tensor& t) {
-  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
+          t.scalar_type() == at::kBFloat16};
+}
+
+MK_TARGET_CLONES void bf16_rows_in(const bf16_t* src, int64_t lds, int64_t L, int64_t D,
+                                   float* dst) {
+  for (int64_t i = 0; i < L; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) dst[i * D + j] = bf16_to_float(src[i * lds + j]);
+  }
+}
+
+MK_TARGET_CLONES void bf16_rows_out(const float* src, int64_t L, int64_t D, bf16_t* dst,
+                                    int64_t ldd) {
+  for (int64_t i = 0; i < L; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) dst[i * ldd + j] = float_to_bf16(src[i * D + j]);
+  }
+}
+
+// Head (b, h)'s L rows as floats to read: in place, or converted into buf.
+Rows rows_in(const Strided& X, int64_t b, int64_t h, int64_t L, int64_t D,
+             std::vector<float>& buf) {
+  if (!X.bf16) return {X.f32(b, h), X.sl};
+  buf.resize(static_cast<size_t>(L * D));
+  bf16_rows_in(X.b16(b, h), X.sl, L, D, buf.data());
+  return {buf.data(), D};
+}
+
+// Where head (b, h)'s L result rows are written as floats: in place, or in buf until flush.
+Rows rows_out(const Strided& X, int64_t b, int64_t h, int64_t L, int64_t D,
+              std::vector<float>& buf) {
+  if (!X.bf16) return {X.f32(b, h), X.sl};
+  buf.resize(static_cast<size_t>(L * D));
+  return {buf.data(), D};
+}
+
+void flush(const Strided& X, int64_t b, int64_t h, int64_t L, int64_t D,
+           const std::vector<float>& buf) {
+  if (X.bf16) bf16_rows_out(buf.data(), L, D, X.b16(b, h), X.sl);
 }
 
 // kept(i, j): query i may attend to key j.
@@ -160,9 +215,15 @@ MK_TARGET_CLONES void row_dots(const float* a, int64_t lda, const float* b, int6
   for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<float>(dot_f64(a + i * lda, b + i * ldb, D));
 }
 
+// float32 or bfloat16, q's dtype.
 #define MK_CHECK_ATTN_INPUT(x, what)                                                            \
   do {                                                                                          \
-    MK_CHECK_CPU_FLOAT(x);                                                                      \
+    MK_CHECK_DEFINED(x);                                                                        \
+    MK_CHECK_CPU(x);                                                                            \
+    TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16, kOp,     \
+                ": ", #x, " must have dtype torch.float32 or torch.bfloat16, got ",             \
+                describe(x));                                                                   \
+    MK_CHECK_DTYPE(x, q.scalar_type());                                                         \
     MK_CHECK_DIM(x, 4, what);                                                                   \
     TORCH_CHECK((x).stride(3) == 1, kOp, ": ", #x, " must have a unit last stride, got ",      \
                 describe(x), " with strides ", (x).strides());                                 \
@@ -217,31 +278,34 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor keep;
   const Mask m = make_mask(mask, keep, causal, d);
   at::Tensor out = at::empty({d.B, d.Lq, d.H, d.D}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({d.B, d.H, d.Lq}, q.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.Lq}, q.options().dtype(at::kFloat));
   const Strided Q = strided(q), K = strided(k), V = strided(v), O = strided(out);
-  float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(kRowBlock * d.Lk), Kt(d.D * d.Lk);
-    int64_t kt_of = -1;   // the (batch, kv head) whose K is in Kt: grouped heads share it
+    std::vector<float> S(kRowBlock * d.Lk), Kt(d.D * d.Lk), qbuf, kbuf, vbuf, obuf;
+    int64_t kv_of = -1;   // the (batch, kv head) whose K is in Kt: grouped heads share it
+    Rows v_rows{};
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
-      if (b * d.Hkv + hk != kt_of) {
-        transpose_rows(K.at(b, hk), K.sl, d.Lk, d.D, Kt.data());
-        kt_of = b * d.Hkv + hk;
+      if (b * d.Hkv + hk != kv_of) {
+        const Rows k_rows = rows_in(K, b, hk, d.Lk, d.D, kbuf);
+        transpose_rows(k_rows.p, k_rows.ld, d.Lk, d.D, Kt.data());
+        v_rows = rows_in(V, b, hk, d.Lk, d.D, vbuf);
+        kv_of = b * d.Hkv + hk;
       }
-      const float* q_bh = Q.at(b, h);
-      float* o = op + (O.at(b, h) - O.p);
+      const Rows q_rows = rows_in(Q, b, h, d.Lq, d.D, qbuf);
+      const Rows o = rows_out(O, b, h, d.Lq, d.D, obuf);
       for (int64_t i0 = 0; i0 < d.Lq; i0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, d.Lq - i0);
         const int64_t nk = m.keys(i0 + rows - 1);     // the block's last row sees the most keys
-        gemm_rm(false, false, rows, nk, d.D, sc, q_bh + i0 * Q.sl, Q.sl, Kt.data(), d.Lk, 0.0f,
-                S.data(), d.Lk);
+        gemm_rm(false, false, rows, nk, d.D, sc, q_rows.p + i0 * q_rows.ld, q_rows.ld, Kt.data(),
+                d.Lk, 0.0f, S.data(), d.Lk);
         masked_softmax_rows(S.data(), d.Lk, lp + bh * d.Lq + i0, i0, rows, nk, m, b);
-        gemm_rm(false, false, rows, d.D, nk, 1.0f, S.data(), d.Lk, V.at(b, hk), V.sl, 0.0f,
-                o + i0 * O.sl, O.sl);
+        gemm_rm(false, false, rows, d.D, nk, 1.0f, S.data(), d.Lk, v_rows.p, v_rows.ld, 0.0f,
+                o.p + i0 * o.ld, o.ld);
       }
+      flush(O, b, h, d.Lq, d.D, obuf);
     }
   });
   return {out, lse};
@@ -266,9 +330,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   const Strided Q = strided(q), K = strided(k), V = strided(v), dO = strided(dout),
                 O = strided(out), dQ = strided(dq), dK = strided(dk), dV = strided(dv);
-  float* dqp = dq.data_ptr<float>();
-  float* dkp = dk.data_ptr<float>();
-  float* dvp = dv.data_ptr<float>();
   const float* lp = lc.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t last = (d.Lq - 1) / kRowBlock * kRowBlock;   // the last block's first row
@@ -277,45 +338,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // products write all of dK and dV (beta = 0) and the others add to the rows they reach.
   at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> P(kRowBlock * d.Lk), dP(kRowBlock * d.Lk), delta(kRowBlock),
-        Kt(d.D * d.Lk), Vt(d.D * d.Lk);
+        Kt(d.D * d.Lk), Vt(d.D * d.Lk), kbuf, vbuf, qbuf, dobuf, obuf, dqbuf, dkbuf, dvbuf;
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / d.Hkv, hk = bk % d.Hkv;
-      const float* k_bh = K.at(b, hk);
-      transpose_rows(k_bh, K.sl, d.Lk, d.D, Kt.data());
-      transpose_rows(V.at(b, hk), V.sl, d.Lk, d.D, Vt.data());
-      float* dk_bh = dkp + (dK.at(b, hk) - dK.p);
-      float* dv_bh = dvp + (dV.at(b, hk) - dV.p);
+      const Rows k_rows = rows_in(K, b, hk, d.Lk, d.D, kbuf);
+      const Rows v_rows = rows_in(V, b, hk, d.Lk, d.D, vbuf);
+      transpose_rows(k_rows.p, k_rows.ld, d.Lk, d.D, Kt.data());
+      transpose_rows(v_rows.p, v_rows.ld, d.Lk, d.D, Vt.data());
+      const Rows dk_rows = rows_out(dK, b, hk, d.Lk, d.D, dkbuf);
+      const Rows dv_rows = rows_out(dV, b, hk, d.Lk, d.D, dvbuf);
       for (int64_t g = 0; g < d.group; ++g) {
         const int64_t h = hk * d.group + g;
-        const float* q_bh = Q.at(b, h);
-        const float* do_bh = dO.at(b, h);
-        const float* o_bh = O.at(b, h);
+        const Rows q_rows = rows_in(Q, b, h, d.Lq, d.D, qbuf);
+        const Rows do_rows = rows_in(dO, b, h, d.Lq, d.D, dobuf);
+        const Rows o_rows = rows_in(O, b, h, d.Lq, d.D, obuf);
+        const Rows dq_rows = rows_out(dQ, b, h, d.Lq, d.D, dqbuf);
         const float* lse_bh = lp + (b * d.H + h) * d.Lq;
-        float* dq_bh = dqp + (dQ.at(b, h) - dQ.p);
         for (int64_t i0 = last; i0 >= 0; i0 -= kRowBlock) {
           const int64_t rows = std::min(kRowBlock, d.Lq - i0);
           const int64_t nk = m.keys(i0 + rows - 1);
           const float beta = g == 0 && i0 == last ? 0.0f : 1.0f;
-          const float* q_i = q_bh + i0 * Q.sl;
-          const float* do_i = do_bh + i0 * dO.sl;
-          gemm_rm(false, false, rows, nk, d.D, sc, q_i, Q.sl, Kt.data(), d.Lk, 0.0f, P.data(),
-                  d.Lk);
+          const float* q_i = q_rows.p + i0 * q_rows.ld;
+          const float* do_i = do_rows.p + i0 * do_rows.ld;
+          gemm_rm(false, false, rows, nk, d.D, sc, q_i, q_rows.ld, Kt.data(), d.Lk, 0.0f,
+                  P.data(), d.Lk);
           recompute_probs(P.data(), d.Lk, lse_bh + i0, i0, rows, nk, m, b);
           // dV (+)= P^T dO
-          gemm_rm(true, false, nk, d.D, rows, 1.0f, P.data(), d.Lk, do_i, dO.sl, beta, dv_bh,
-                  dV.sl);
+          gemm_rm(true, false, nk, d.D, rows, 1.0f, P.data(), d.Lk, do_i, do_rows.ld, beta,
+                  dv_rows.p, dv_rows.ld);
           // dP = dO V^T; dS = P * (dP - rowsum(dO * O))
-          gemm_rm(false, false, rows, nk, d.D, 1.0f, do_i, dO.sl, Vt.data(), d.Lk, 0.0f,
+          gemm_rm(false, false, rows, nk, d.D, 1.0f, do_i, do_rows.ld, Vt.data(), d.Lk, 0.0f,
                   dP.data(), d.Lk);
-          row_dots(do_i, dO.sl, o_bh + i0 * O.sl, O.sl, delta.data(), rows, d.D);
+          row_dots(do_i, do_rows.ld, o_rows.p + i0 * o_rows.ld, o_rows.ld, delta.data(), rows,
+                   d.D);
           softmax_bwd_rows(P.data(), dP.data(), delta.data(), rows, nk, d.Lk);
           // dQ = scale dS K; dK (+)= scale dS^T Q
-          gemm_rm(false, false, rows, d.D, nk, sc, dP.data(), d.Lk, k_bh, K.sl, 0.0f,
-                  dq_bh + i0 * dQ.sl, dQ.sl);
-          gemm_rm(true, false, nk, d.D, rows, sc, dP.data(), d.Lk, q_i, Q.sl, beta, dk_bh,
-                  dK.sl);
+          gemm_rm(false, false, rows, d.D, nk, sc, dP.data(), d.Lk, k_rows.p, k_rows.ld, 0.0f,
+                  dq_rows.p + i0 * dq_rows.ld, dq_rows.ld);
+          gemm_rm(true, false, nk, d.D, rows, sc, dP.data(), d.Lk, q_i, q_rows.ld, beta,
+                  dk_rows.p, dk_rows.ld);
         }
+        flush(dQ, b, h, d.Lq, d.D, dqbuf);
       }
+      flush(dK, b, hk, d.Lk, d.D, dkbuf);
+      flush(dV, b, hk, d.Lk, d.D, dvbuf);
     }
   });
   return {dq, dk, dv};

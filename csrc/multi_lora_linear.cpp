@@ -10,9 +10,11 @@
 // its tasks' LoRA products one task at a time (small_gemm.h; see task_groups). Otherwise, when
 // every task has the same number of rows (> 0) each product is one batched GEMM; ragged layouts
 // loop over the tasks and skip empty ones.
-// The LoRA terms are computed in A's dtype (fp32 in the bank). When x is bf16/fp16 the LoRA
-// term is accumulated in an fp32 buffer with the base term added last, so y and dx are rounded
-// to x's dtype once.
+// The LoRA terms are computed in A's dtype (fp32 in the bank). When x is bf16 over the fp32
+// bank (a bf16 checkpoint), the per-task path converts each task's rows to fp32 in the thread's
+// scratch and adds the LoRA term onto the bf16 base term in fp32, rounding y and dx once
+// (lora_forward_tasks_bf16). Otherwise, for bf16/fp16 x, the LoRA term is accumulated in a
+// full-size fp32 buffer with the base term added last, also rounded once.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include "gemm.h"
 #include "ops.h"
 #include "small_gemm.h"
+#include "vec_math.h"
 
 namespace metakernels {
 namespace {
@@ -146,7 +149,8 @@ std::vector<std::vector<int64_t>> task_groups(const Segments& seg, const LoraDim
   if (env != nullptr && std::string_view(env) == "0") return {};
   if (!small_gemm_avx512() || d.N == 0) return {};
   for (const at::Tensor* t : ts) {
-    if (t->scalar_type() != at::kFloat || t->stride(-1) != 1) return {};
+    const auto dt = t->scalar_type();
+    if ((dt != at::kFloat && dt != at::kBFloat16) || t->stride(-1) != 1) return {};
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<int64_t> order(d.T);
@@ -164,6 +168,11 @@ std::vector<std::vector<int64_t>> task_groups(const Segments& seg, const LoraDim
   const int64_t busiest = *std::max_element(rows.begin(), rows.end());
   if (4 * busiest * threads > 5 * d.N) return {};
   return groups;
+}
+
+// Whether x is bf16 over an fp32 bank (the bf16 per-task path's operands).
+bool bf16_over_f32(const at::Tensor& x, const at::Tensor& A) {
+  return x.scalar_type() == at::kBFloat16 && A.scalar_type() == at::kFloat;
 }
 
 // Runs fn(t) for every task of the groups, one group per thread.
@@ -230,6 +239,127 @@ void lora_backward_tasks(const std::vector<std::vector<int64_t>>& groups, const 
   });
 }
 
+// The per-task path for bf16 x, dy, y, dx with the fp32 bank: a task's rows are converted to fp32
+// in the thread's scratch (they stay in its L2 across the task's products), the products run in
+// fp32 as above, and the LoRA term is added onto the bf16 base term in fp32 and rounded once, so
+// no full-size fp32 copy of x, dy, the LoRA term or dx is made.
+MK_TARGET_CLONES void bf16_rows_to_float(const bf16_t* src, int64_t lds, int64_t n, int64_t cols,
+                                         float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bf16_t* s = src + i * lds;
+    float* o = dst + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] = bf16_to_float(s[j]);
+  }
+}
+
+// dst = bf16(float(dst) + src) over n rows of cols (src contiguous).
+MK_TARGET_CLONES void add_float_rows_to_bf16(bf16_t* dst, int64_t ldd, const float* src, int64_t n,
+                                             int64_t cols) {
+  for (int64_t i = 0; i < n; ++i) {
+    bf16_t* o = dst + i * ldd;
+    const float* s = src + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] = float_to_bf16(bf16_to_float(o[j]) + s[j]);
+  }
+}
+
+// dst = bf16(src) over n rows of cols (src contiguous).
+MK_TARGET_CLONES void float_rows_to_bf16(bf16_t* dst, int64_t ldd, const float* src, int64_t n,
+                                         int64_t cols) {
+  for (int64_t i = 0; i < n; ++i) {
+    bf16_t* o = dst + i * ldd;
+    const float* s = src + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] = float_to_bf16(s[j]);
+  }
+}
+
+const bf16_t* bf16_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const bf16_t*>(t.data_ptr<at::BFloat16>());
+}
+bf16_t* bf16_ptr_mut(const at::Tensor& t) {
+  return reinterpret_cast<bf16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Per task t: xa = x A[t]; y (+)= scale xa B[t], x and y bf16 (has_base: y holds the base term).
+void lora_forward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups, const Segments& seg,
+                             const LoraDims& d, const at::Tensor& x, const at::Tensor& A,
+                             const at::Tensor& B, double scale, at::Tensor& xa, at::Tensor& y,
+                             bool has_base) {
+  const bf16_t* X = bf16_ptr(x);
+  bf16_t* Y = bf16_ptr_mut(y);
+  const int64_t ldx = x.stride(0), ldy = y.stride(0);
+  const Mat XA = mat(xa);
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const float sc = static_cast<float>(scale);
+  for_tasks(groups, [&](int64_t t) {
+    thread_local std::vector<float> xt, lora;
+    const int64_t s0 = seg.start(t), n = seg.size(t);
+    xt.resize(static_cast<size_t>(n * d.in));
+    lora.resize(static_cast<size_t>(n * d.out));
+    bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
+    float* xa_t = XA.p + s0 * XA.ld;
+    gemm_rm(false, false, n, d.r, d.in, 1.0f, xt.data(), d.in, Ap + t * sA, ldA, 0.0f, xa_t,
+            XA.ld);
+    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bp + t * sB, ldB, 0.0f, lora.data(),
+            d.out);
+    if (has_base) {
+      add_float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), n, d.out);
+    } else {
+      float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), n, d.out);
+    }
+  });
+}
+
+// Per task: g = dy B[t]^T; dB[t] += scale xa^T dy; dA[t] += scale x^T g; dx (+)= scale g A[t]^T
+// (when dx is given; has_base: dx holds the base term), with x, dy, dx bf16.
+void lora_backward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups,
+                              const Segments& seg, const LoraDims& d, const at::Tensor& dy,
+                              const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& xa, double scale, at::Tensor& dA, at::Tensor& dB,
+                              at::Tensor* dx, bool has_base) {
+  const bf16_t* DY = bf16_ptr(dy);
+  const bf16_t* X = bf16_ptr(x);
+  bf16_t* DX = dx ? bf16_ptr_mut(*dx) : nullptr;
+  const int64_t lddy = dy.stride(0), ldx = x.stride(0), lddx = dx ? dx->stride(0) : 0;
+  const Mat XA = mat(xa);
+  const float* Ap = A.data_ptr<float>();
+  const float* Bp = B.data_ptr<float>();
+  float* dAp = dA.data_ptr<float>();
+  float* dBp = dB.data_ptr<float>();
+  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const int64_t sdA = dA.stride(0), lddA = dA.stride(1), sdB = dB.stride(0), lddB = dB.stride(1);
+  const float sc = static_cast<float>(scale);
+  for_tasks(groups, [&](int64_t t) {
+    thread_local std::vector<float> g, dyt, xt, dxt;
+    const int64_t s0 = seg.start(t), n = seg.size(t);
+    g.resize(static_cast<size_t>(n * d.r));
+    dyt.resize(static_cast<size_t>(n * d.out));
+    xt.resize(static_cast<size_t>(n * d.in));
+    bf16_rows_to_float(DY + s0 * lddy, lddy, n, d.out, dyt.data());
+    bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
+    gemm_rm(false, true, n, d.r, d.out, 1.0f, dyt.data(), d.out, Bp + t * sB, ldB, 0.0f,
+            g.data(), d.r);
+    gemm_rm(true, false, d.r, d.out, n, sc, XA.p + s0 * XA.ld, XA.ld, dyt.data(), d.out, 1.0f,
+            dBp + t * sdB, lddB);
+    gemm_rm(true, false, d.in, d.r, n, sc, xt.data(), d.in, g.data(), d.r, 1.0f, dAp + t * sdA,
+            lddA);
+    if (DX != nullptr) {
+      dxt.resize(static_cast<size_t>(n * d.in));
+      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Ap + t * sA, ldA, 0.0f, dxt.data(),
+              d.in);
+      if (has_base) {
+        add_float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), n, d.in);
+      } else {
+        float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), n, d.in);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
@@ -251,10 +381,17 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
   const Segments seg = MK_CHECK_OFFSETS(offsets, d.T, d.N);
 
   const bool same_dtype = x.scalar_type() == A.scalar_type();
-  const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   at::Tensor xa = at::empty({d.N, d.r}, A.options());
   at::Tensor y = d.has_base ? linear_nt(x, *W_opt, b_opt, onednn)
                             : at::empty({d.N, d.out}, x.options());
+  if (bf16_over_f32(x, A)) {
+    const auto groups = task_groups(seg, d, {&x, &A, &B, &xa, &y});
+    if (!groups.empty()) {
+      lora_forward_tasks_bf16(groups, seg, d, x, A, B, scale, xa, y, d.has_base);
+      return {y, xa};
+    }
+  }
+  const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   const auto groups = same_dtype ? task_groups(seg, d, {&xf, &A, &B, &y})
                                  : std::vector<std::vector<int64_t>>();
   if (!groups.empty()) {
@@ -296,6 +433,22 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
   const Segments seg = MK_CHECK_OFFSETS(offsets, d.T, d.N);
 
   const bool same_dtype = x.scalar_type() == A.scalar_type();
+  if (bf16_over_f32(x, A)) {
+    const auto groups = task_groups(seg, d, {&dy, &x, &A, &B, &xa, &dA, &dB});
+    if (!groups.empty()) {
+      if (!need_dx) {
+        lora_backward_tasks_bf16(groups, seg, d, dy, x, A, B, xa, scale, dA, dB, nullptr, false);
+        return at::empty({0}, x.options());
+      }
+      at::Tensor dx = d.has_base ? linear_nt(dy, W_opt->t(), std::nullopt, onednn)
+                                 : at::empty({d.N, d.in}, x.options());
+      if (dx.stride(-1) == 1) {
+        lora_backward_tasks_bf16(groups, seg, d, dy, x, A, B, xa, scale, dA, dB, &dx,
+                                 d.has_base);
+        return dx;
+      }
+    }
+  }
   const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   const at::Tensor dyf = same_dtype ? dy : dy.to(A.scalar_type());
   const auto groups = same_dtype ? task_groups(seg, d, {&dyf, &xf, &A, &B, &xa, &dA, &dB})

@@ -3,6 +3,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <type_traits>
 
 // The kernels' inner loops are compiled three times: for x86-64-v4 (AVX-512), x86-64-v3 (AVX2)
 // and the baseline (SSE2), picked when the extension loads. (-ffp-contract=off holds in every
@@ -64,6 +65,35 @@ inline double dot_f64(const float* a, const float* b, int64_t n) {
   for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
   for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
   return s;
+}
+
+// bfloat16 storage (the bits of at::BFloat16) and its conversions, in plain integer arithmetic so
+// that the loops calling them vectorise. to_bf16 rounds to nearest even, as torch does; a NaN
+// stays a (quiet) NaN.
+using bf16_t = uint16_t;
+
+inline float bf16_to_float(bf16_t b) { return std::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
+
+inline bf16_t float_to_bf16(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<bf16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// A kernel's element type: float, or bf16_t computed in float. load/store convert, round(x)
+// rounds a float to the element type (the identity for float), so that a bf16 kernel rounds
+// where the library's op-by-op bf16 form does.
+inline float load(float x) { return x; }
+inline float load(bf16_t x) { return bf16_to_float(x); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(bf16_t* p, float v) { *p = float_to_bf16(v); }
+template <typename T>
+inline float round_to(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return bf16_to_float(float_to_bf16(v));
+  }
 }
 
 }  // namespace metakernels

@@ -60,10 +60,14 @@ from . import backend
 from .gemm import frozen_linear
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _cpu_kernels(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ kernels of csrc/fused_layers.cpp run these tensors: float32 on the CPU,
-    with the cpu backend in use (built, and not overridden by ``use_backend``/the environment)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """Whether the C++ kernels of csrc/fused_layers.cpp and csrc/attention.cpp run these
+    tensors: float32 or bfloat16 on the CPU (bf16 computed in fp32 and rounded once), with the
+    cpu backend in use (built, and not overridden by ``use_backend``/the environment)."""
+    return (all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
             and backend.resolve(tensors[0].device) == "cpu")
 
 
@@ -100,7 +104,7 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         ctx.eps = eps
         ctx.x_is_output = False
-        if _cpu_kernels(x, weight):
+        if _cpu_kernels(x, weight) and x.dtype == weight.dtype:
             y, r = torch.ops.metakernels.rms_norm_fwd(x, weight, eps)
             # Keep the output, not the input, where the weight allows xhat = y / weight (and is
             # frozen): the next layer (the q/k/v LoRA, the loss) usually keeps y anyway, and x is
@@ -124,7 +128,7 @@ class _RMSNormFn(torch.autograd.Function):
                     "(create_graph=True) run it under metakernels.backend.use_backend('torch')")
             return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r, True), None, None
         if (not torch.is_grad_enabled() and not ctx.needs_input_grad[1]
-                and _cpu_kernels(dy, x, weight, r)):
+                and _cpu_kernels(dy, x, weight, r) and dy.dtype == x.dtype == weight.dtype):
             return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r), None, None
         if torch.is_grad_enabled():
             # Double backward: r was computed without a graph in the forward; recompute it from
@@ -157,14 +161,15 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        if _cpu_kernels(gate, up):
+        if _cpu_kernels(gate, up) and gate.dtype == up.dtype:
             return torch.ops.metakernels.swiglu_fwd(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        if not torch.is_grad_enabled() and _cpu_kernels(dy, gate, up):
+        if (not torch.is_grad_enabled() and _cpu_kernels(dy, gate, up)
+                and dy.dtype == gate.dtype == up.dtype):
             dgate, dup = torch.ops.metakernels.swiglu_bwd(dy, gate, up)
             return (dgate if ctx.needs_input_grad[0] else None,
                     dup if ctx.needs_input_grad[1] else None)
@@ -225,8 +230,8 @@ class _RotaryFn(torch.autograd.Function):
 
 def _rotary_cpu_kernels(*xs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the C++ rotary kernels take these [B, H, L, D] tensors (unit last stride)."""
-    return (all(x.dim() == 4 and x.stride(-1) == 1 for x in xs)
-            and _cpu_kernels(*xs, cos, sin))
+    return (all(x.dim() == 4 and x.stride(-1) == 1 and x.dtype == cos.dtype for x in xs)
+            and sin.dtype == cos.dtype and _cpu_kernels(*xs, cos, sin))
 
 
 def _rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -252,6 +257,9 @@ ATTENTION_MAX_LEN = 256   # a head's K^T and a block's [32, L] scores stay in L2
 
 
 class _AttentionFn(torch.autograd.Function):
+    """The kernel computes in fp32; bf16 q, k, v are converted a head at a time inside it and its
+    results rounded once (the library's bf16 SDPA on the CPU takes several times as long)."""
+
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale):
         out, lse = torch.ops.metakernels.attention_fwd(q, k, v, mask, causal, scale)
@@ -289,7 +297,7 @@ def _attention_kernel_applies(module, q, k, v, mask, dropout, kwargs) -> bool:
                                  and mask.shape[1] == 1 and mask.shape[2:] == (L, L)
                                  and mask.shape[0] in (1, q.shape[0])):
         return False
-    return _cpu_kernels(q, k, v)
+    return _cpu_kernels(q, k, v) and q.dtype == k.dtype == v.dtype
 
 
 def _patch_sdpa_global() -> bool:

@@ -169,6 +169,21 @@ def test_multi_lora_linear_low_precision_x(dtype, layout_name, onednn):
     _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True, onednn=onednn)
 
 
+@pytest.mark.parametrize("sizes", [[5, 4], [37, 0, 64, 29], [1, 1, 1, 1], [7]])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("has_base", [True, False])
+def test_multi_lora_linear_bf16_over_the_fp32_bank(sizes, bias, has_base, lora_path):
+    """bf16 x, dy over fp32 adapters (a bf16 checkpoint): on the per-task path each task's rows
+    are converted in the thread's scratch, the LoRA products run in fp32 (xa, dA, dB at fp32
+    accuracy given the bf16 inputs) and y, dx are rounded once; the batched path is the fallback."""
+    x, W, b, A, B, dy = _mll_inputs(sizes, 203, 131, 16, dtype=torch.bfloat16, bias=bias, seed=9)
+    if not has_base:
+        W = b = None
+    _run_mll(sizes, x, W, b, A, B, dy, 2.0, flat=True)
+    _run_mll(sizes, x[:, :101], None if W is None else W[:, :101], b, A[:, :101], B, dy, 0.5,
+             flat=False)
+
+
 @pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
 @pytest.mark.parametrize("onednn", ONEDNN)
 def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name, onednn, lora_path):
@@ -483,6 +498,82 @@ def test_swiglu_fwd_vs_the_library(shape):
                           ops.swiglu_fwd(gate.t().contiguous(), up.t().contiguous()))
 
 
+# bf16: the kernels load bf16, compute in fp32 and round where the library's bf16 ops round
+# (rotary: each product and the sum; RMSNorm: x * r, then the weight's product; SwiGLU: silu,
+# then the product), so that their forwards are the library's bf16 forms to the last bit but for
+# the row sum's order and the exp (at most 1 bf16 ulp); their backwards round once, from fp32.
+def _bf16_ulps(got, want):
+    """Largest distance in bf16 units in the last place between two same-signed tensors."""
+    a, b = got.view(torch.int16).long(), want.view(torch.int16).long()
+    return int((a - b).abs().max()) if got.numel() else 0
+
+
+@pytest.mark.parametrize("B,H,L,D,batch_tables", [(1, 1, 1, 2, False), (2, 3, 5, 6, True),
+                                                  (3, 4, 7, 64, False)])
+def test_rotary_bf16_is_bitwise_the_op_by_op_form(B, H, L, D, batch_tables):
+    from metakernels.fused import _rotate
+    q, k, cos, sin = (t.bfloat16() for t in _rotary_inputs(B, H, L, D, batch_tables, seed=7))
+    got_q, got_k = ops.rotary_fwd(q, k, cos, sin)
+    assert got_q.dtype == torch.bfloat16 and got_q.stride() == q.stride()
+    assert torch.equal(got_q.view(torch.int16), _rotate(q, cos, sin).view(torch.int16))
+    assert torch.equal(got_k.view(torch.int16), _rotate(k, cos, sin).view(torch.int16))
+    dy = torch.randn(q.shape).bfloat16()
+    qr = q.double().requires_grad_()
+    (want,) = torch.autograd.grad(_rotate(qr, cos.double(), sin.double()), qr, dy.double())
+    got = ops.rotary_bwd(dy, cos, sin)
+    assert got.dtype == torch.bfloat16
+    _close(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 5, 7), (64, 512), (2, 9, 130)])
+def test_rms_norm_bf16_vs_the_library(shape):
+    from metakernels.fused import _rms_norm_ref
+    x, weight, _ = _rms_inputs(shape, seed=3)
+    x, weight = x.bfloat16(), weight.bfloat16()
+    y, rstd = ops.rms_norm_fwd(x, weight, 1e-6)
+    assert y.dtype == torch.bfloat16 and rstd.dtype == torch.float32
+    want = _rms_norm_ref(x, weight, 1e-6)              # the library's bf16 roundings
+    assert torch.equal(y.sign(), want.sign()) and _bf16_ulps(y.abs(), want.abs()) <= 1
+    dy = torch.randn(shape).bfloat16()
+    want_dx = _rms_want(x.float(), weight.float(), dy.float())
+    dx = ops.rms_norm_bwd(dy, x, weight, rstd)
+    assert dx.dtype == torch.bfloat16
+    _close(dx, want_dx, torch.bfloat16)
+    # from the output (xhat = y / w, y rounded to bf16: one more bf16 rounding of xhat)
+    _close(ops.rms_norm_bwd(dy, y, weight, rstd, True), want_dx, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 7, 5), (17, 33), (256, 1376)])
+def test_swiglu_bf16_vs_the_library(shape):
+    g = torch.Generator().manual_seed(4)
+    gate = (torch.randn(shape, generator=g) * 6).bfloat16()
+    up = torch.randn(shape, generator=g).bfloat16()
+    y = ops.swiglu_fwd(gate, up)
+    want = F.silu(gate) * up                            # the library's bf16 roundings
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.sign(), want.sign()) and _bf16_ulps(y.abs(), want.abs()) <= 1
+    dy = torch.randn(shape, generator=g).bfloat16()
+    gr, ur = gate.double().requires_grad_(), up.double().requires_grad_()
+    want_dg, want_du = torch.autograd.grad(F.silu(gr) * ur, (gr, ur), dy.double())
+    dg, du = ops.swiglu_bwd(dy, gate, up)
+    assert dg.dtype == du.dtype == torch.bfloat16
+    _close(dg, want_dg, torch.bfloat16)
+    _close(du, want_du, torch.bfloat16)
+
+
+def test_fused_layer_kernels_reject_mixed_dtypes():
+    x = torch.randn(4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match=r"weight must have dtype torch.bfloat16"):
+        ops.rms_norm_fwd(x, torch.rand(8) + 0.5, 1e-6)
+    with pytest.raises(RuntimeError, match=r"up must have dtype torch.bfloat16"):
+        ops.swiglu_fwd(x, x.float())
+    q, k, cos, sin = _rotary_inputs(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"cos must have dtype torch.bfloat16"):
+        ops.rotary_fwd(q.bfloat16(), k.bfloat16(), cos, sin.bfloat16())
+    with pytest.raises(RuntimeError, match=r"x must have dtype torch.float32 or torch.bfloat16"):
+        ops.rms_norm_fwd(x.half(), torch.rand(8).half(), 1e-6)
+
+
 def _attention_inputs(B, H, Hkv, L, D, seed=0, contiguous=False):
     """q, k, v as transposed views of [B, L, heads, D] projection outputs (or contiguous)."""
     g = torch.Generator().manual_seed(seed)
@@ -552,6 +643,37 @@ def test_attention_with_a_padding_mask_and_fully_masked_rows(L):
     # a mask for the whole batch ([1, 1, L, L]) broadcasts
     out1, _ = ops.attention_fwd(q, k, v, causal[None, None], False, 0.3)
     _close(out1, ops.attention_fwd(q, k, v, None, True, 0.3)[0])
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,masked", [(2, 4, 2, 7, 6, False), (3, 8, 8, 64, 64, False),
+                                                (1, 2, 1, 130, 8, False), (3, 4, 2, 70, 8, True)])
+def test_attention_bf16_is_the_fp32_kernel_rounded_once(B, H, Hkv, L, D, masked):
+    """bf16 q, k, v: each head converted to fp32 inside the kernel (exactly), the fp32 kernel's
+    products in the same order, the results rounded to bf16 once: bitwise the fp32 kernel on the
+    same values, rounded; and within bf16's rounding of the fp64 math form."""
+    q, k, v = (t.bfloat16() for t in _attention_inputs(B, H, Hkv, L, D, seed=5))
+    mask = None
+    if masked:
+        pad = torch.ones(B, L, dtype=torch.bool)
+        pad[1, :3] = False
+        mask = torch.ones(L, L, dtype=torch.bool).tril() & pad[:, None, None, :]
+    dout = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(6)).bfloat16()
+    out, lse = ops.attention_fwd(q, k, v, mask, True, 0.3)
+    out32, lse32 = ops.attention_fwd(q.float(), k.float(), v.float(), mask, True, 0.3)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous()
+    assert torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+    got = ops.attention_bwd(dout, q, k, v, out, lse, mask, True, 0.3)
+    got32 = ops.attention_bwd(dout.float(), q.float(), k.float(), v.float(), out.float(), lse,
+                              mask, True, 0.3)
+    want, grads = _attention_want(q, k, v, mask, True, 0.3, dout)
+    _close(out, want, torch.bfloat16)
+    for a, a32, t in zip(got, got32, (q, k, v)):
+        assert a.dtype == torch.bfloat16 and a.shape == t.shape
+        assert torch.equal(a, a32.bfloat16())
+    # against fp64 with the forward's output rounded to bf16 as the backward reads it
+    for a, b in zip(got, grads):
+        _close(a, b, torch.bfloat16)
 
 
 def test_attention_without_queries_passes_zero_key_gradients():
@@ -652,6 +774,13 @@ def _opcheck_cases():
                                               True, 0.5)),
         "swiglu_bwd": (ops.swiglu_bwd, (rg(torch.randn(4, 9)), torch.randn(4, 9),
                                         torch.randn(4, 9))),
+        # bf16: the statistics (rstd, lse) stay fp32, which the fake kernels must say too
+        "rms_norm_fwd_bf16": (ops.rms_norm_fwd, (rg(_rms_inputs((3, 5, 7))[0].bfloat16()),
+                                                 _rms_inputs((3, 5, 7))[1].bfloat16(), 1e-6)),
+        "attention_fwd_bf16": (ops.attention_fwd,
+                               (rg(_attention_inputs(2, 4, 2, 5, 6)[0].bfloat16()),
+                                *(t.bfloat16() for t in _attention_inputs(2, 4, 2, 5, 6)[1:]),
+                                None, True, 0.5)),
     }
 
 

@@ -67,7 +67,7 @@ def _rotary_bwd(dy, cos, sin):
 @torch.library.register_fake("metakernels::rms_norm_fwd")
 def _rms_norm_fwd(x, weight, eps):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, x.new_empty(*x.shape[:-1], 1)
+    return y, x.new_empty(*x.shape[:-1], 1, dtype=torch.float32)
 
 
 @torch.library.register_fake("metakernels::rms_norm_bwd")
@@ -89,7 +89,7 @@ def _swiglu_bwd(dy, gate, up):
 @torch.library.register_fake("metakernels::attention_fwd")
 def _attention_fwd(q, k, v, mask, causal, scale):
     B, H, Lq, D = q.shape
-    return q.new_empty(B, Lq, H, D).transpose(1, 2), q.new_empty(B, H, Lq)
+    return q.new_empty(B, Lq, H, D).transpose(1, 2), q.new_empty(B, H, Lq, dtype=torch.float32)
 
 
 @torch.library.register_fake("metakernels::attention_bwd")

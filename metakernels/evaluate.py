@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -64,6 +65,9 @@ HIGHER_IS_BETTER = {"loss": False, "token_accuracy": True, "exact_match": True}
 # them with the checkpoint (plus trainer.seed for a tiny random base)
 BASE_KEYS = ("path", "family", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
              "intermediate_size", "dtype", "lora_rank", "lora_alpha", "target_modules")
+# the settings that fix which tasks and examples a run trains on, and for how many steps
+SAME_DATA_KEYS = (("data", "tasks"), ("data", "support_size"), ("data", "query_size"),
+                  ("meta", "meta_batch_size"), ("trainer", "total_steps"), ("trainer", "seed"))
 
 
 # ------------------------------------------------------------------------------ the contenders
@@ -200,6 +204,13 @@ def load_baseline(name: str, path: str | os.PathLike, setup: Setup) -> Contender
                          f"{theirs['trainer']['seed']} builds another random base than the "
                          f"checkpoint's (seed {mine['trainer']['seed']})")
     _check_slots(setup.bank, meta, ckpt)
+    # a trained baseline is a fair bar only if it saw the same tasks and examples for as long
+    differ = [f"{sec}.{key}={theirs.get(sec, {}).get(key)!r} (the checkpoint: "
+              f"{mine[sec][key]!r})" for sec, key in SAME_DATA_KEYS
+              if theirs.get(sec, {}).get(key, mine[sec][key]) != mine[sec][key]]
+    if differ:
+        warnings.warn(f"baseline {name!r} ({ckpt}) was not trained on the same data for the "
+                      f"same steps: {', '.join(differ)}")
     if "alpha" in meta and not math.isclose(float(meta["alpha"]), setup.bank.alpha):
         raise ValueError(f"baseline {name!r}: alpha={meta['alpha']}, the checkpoint's is "
                          f"{setup.bank.alpha}")
@@ -273,12 +284,21 @@ def exact_match(tokenizer, generated: Sequence[int], reference: str, stop_ids) -
 
 
 def load_eval_tasks(spec: str, cfg: Config, tokenizer, names: Sequence[str] | None = None):
-    """``builtin-heldout`` (or ``builtin-train``), or a task directory (``load_task_dir``)."""
+    """``builtin-heldout`` (or ``builtin-train``): that split of the built-in suite the
+    checkpoint was trained on (``data.tasks``; the default suite for a run on files);
+    ``builtin:<suite>-heldout`` (or ``-train``): that split of a named suite; or a task
+    directory (``load_task_dir``)."""
     from .data.loader import load_task_dir
-    from .data.tasks import builtin_tasks
+    from .data.tasks import DEFAULT_SUITE, builtin_tasks
 
-    if spec in ("builtin-heldout", "builtin-train"):
-        tasks = builtin_tasks(spec.split("-", 1)[1])
+    m = re.fullmatch(r"builtin(?::(\w+))?-(heldout|train)", spec)
+    if m:
+        suite = m.group(1)
+        if suite is None:
+            trained_on = cfg.data.tasks
+            suite = (trained_on.split(":", 1)[1] if trained_on.startswith("builtin:")
+                     else DEFAULT_SUITE)
+        tasks = builtin_tasks(m.group(2), suite)
     else:
         d = cfg.data
         tasks = load_task_dir(spec, tokenizer, max_length=d.max_length, truncation=d.truncation,
@@ -714,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="extend", nargs="+", default=[], metavar="NAME=PATH",
                    help="more contenders: run dirs, checkpoints or PEFT adapter dirs")
     p.add_argument("--eval-tasks", default="builtin-heldout",
-                   help="builtin-heldout (default), builtin-train or a task directory")
+                   help="builtin-heldout (default: the held-out tasks of the checkpoint's "
+                        "built-in suite), builtin-train, builtin:<suite>-heldout or a task "
+                        "directory")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks of the set")
     p.add_argument("--n-shots", type=int, nargs="+", default=[0, 5, 10, 25, 50])
     p.add_argument("--seeds", type=int, default=3, help="support draws per task and n")

@@ -17,7 +17,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=64", "model.lora_rank=4",
         "model.lora_alpha=8", "meta.meta_batch_size=2", "data.support_size=2",
         "data.query_size=2", "trainer.save_every=3", "trainer.log_every=1",
-        "trainer.progress_bar=false", "trainer.loggers=[jsonl]"]
+        "trainer.progress_bar=false", "trainer.loggers=[jsonl]", "data.tasks=builtin:families"]
 TASKS = ["caesar_5", "base_7_to_10"]
 
 
@@ -226,3 +226,27 @@ def test_single_task_fit_probe_lowers_the_query_loss(run_dir, capsys):
         losses.append(float(line.split("query loss")[1].split()[0]))
         assert "exact match" in line
     assert losses[1] < losses[0]
+
+
+def test_eval_tasks_follow_the_checkpoints_suite(setup):
+    names = lambda spec, cfg=setup.cfg: [t.name for t in ev.load_eval_tasks(
+        spec, cfg, setup.tokenizer)]
+    assert "caesar_5" in names("builtin-heldout")          # the run trained on builtin:families
+    assert len(names("builtin-train")) == 37
+    other = copy.deepcopy(setup.cfg)
+    other.data.tasks = "builtin"                           # the default suite
+    assert names("builtin-heldout", other) == [f"suffix_{c}" for c in "uvwxyz"]
+    assert len(names("builtin:order_suffix-heldout")) == 12
+    with pytest.raises(ValueError, match="unknown built-in suite 'nope'"):
+        names("builtin:nope-heldout")
+
+
+def test_baseline_trained_on_other_data_or_steps_is_flagged(run_dir, setup, tmp_path, recwarn):
+    from metakernels.train import main as train_main
+
+    ev.load_baseline("same", run_dir, setup)
+    assert not [w for w in recwarn if "same data" in str(w.message)]
+    assert train_main(["trainer.total_steps=2", f"trainer.output_dir={tmp_path}", *TINY]) == 0
+    with pytest.warns(UserWarning, match=r"not trained on the same data for the same steps: "
+                                         r"trainer.total_steps=2 \(the checkpoint: 3\)"):
+        ev.load_baseline("short", tmp_path / "default", setup)

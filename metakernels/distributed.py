@@ -234,22 +234,23 @@ def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
         model.tie_weights()             # to_empty gave the output layer a tensor of its own
     rank = dist.get_rank()
     prefix = model.base_model_prefix + "."
-    opened: dict[Path, object] = {}
-    with contextlib.ExitStack() as stack, torch.no_grad():
+    with torch.no_grad():
         for name, p in model.named_parameters():
             key = name if name in files else name.removeprefix(prefix)
             if key not in files:
                 raise KeyError(f"model.path={m.path}: the checkpoint has no tensor {name!r}")
-            if files[key] not in opened:
-                opened[files[key]] = stack.enter_context(safe_open(str(files[key]), "pt"))
-            rows = opened[files[key]].get_slice(key)
-            if isinstance(p, DTensor):
-                local = p.to_local()
-                # FSDP2's dim-0 shards are torch.chunk's: ceil(n / N) rows each, the last fewer
-                first = rank * -(-p.shape[0] // world_size)
-                local.copy_(rows[first:first + local.shape[0]])
-            else:
-                p.copy_(rows[:])
+            # A file opened per tensor: the pages of the mapping read so far count in the RSS
+            # until it is closed, so a file kept open would add up to the process's whole share.
+            with safe_open(str(files[key]), "pt") as f:
+                rows = f.get_slice(key)
+                if isinstance(p, DTensor):
+                    local = p.to_local()
+                    # FSDP2's dim-0 shards are torch.chunk's: ceil(n / N) rows each, the last
+                    # fewer
+                    first = rank * -(-p.shape[0] // world_size)
+                    local.copy_(rows[first:first + local.shape[0]])
+                else:
+                    p.copy_(rows[:])
     return model.eval()
 
 

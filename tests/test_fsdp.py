@@ -149,12 +149,16 @@ def measure(overrides: list[str]) -> None:
     once the trainer is built); the last meta-step's time."""
     import gc
 
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imports not counted)
+    # imports and the process group are not the base's: set up before the first reading
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     from metakernels import distributed as dist
     from metakernels import fused  # noqa: F401
 
     cfg = load_config(None, overrides)
+    dist.init_from_env(cfg)
     rss0 = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

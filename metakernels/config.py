@@ -65,7 +65,9 @@ class MetaConfig:
     # pushes theta away (docs/evaluation.md, "Outer-loop stability")
     inner_lr: float = 0.1
     inner_optimizer: str = "sgd"           # sgd | adam
-    inner_max_grad_norm: float = 0.0
+    # per-task clip of each inner step's gradient: from an init not shaped for it (multitask
+    # SFT), an unclipped step at inner_lr can blow a task's loss up, and which draws do is luck
+    inner_max_grad_norm: float = 5.0
     outer_lr: float = 3e-3                 # 1e-2 undoes the held-out gains in spikes
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

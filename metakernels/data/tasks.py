@@ -1,14 +1,23 @@
 """Built-in procedural tasks: each task is a hidden rule from a random input string to an output.
 
-A task is named after its family and parameters (``caesar_3``, ``base_10_to_7``, ``rotate_2``,
-``reverse``); ``get_task(name)`` builds any valid member of a family, ``builtin_tasks(split)``
-returns the fixed train or held-out set. Every prompt is the input followed by ``SEPARATOR``
-(``">"``) and the response is the rule's output, so a model can only tell tasks apart from
-their support examples: what the meta-learner has to learn is to adapt fast. Held-out tasks are
-other members of the training families (unseen shifts, bases, strides, substitution tables).
+Tasks come in suites, each with disjoint ``"train"`` and ``"heldout"`` splits
+(``builtin_tasks(split, suite)``; ``data.tasks=builtin:<suite>``):
 
-Inputs are 3 to 8 characters (base-conversion inputs are capped so that outputs stay within 20
-digits); with the character tokenizer every sequence is at most 31 tokens with BOS and EOS.
+- ``suffix`` (the default) and ``order_suffix``: three digits copied (or, in ``order_suffix``,
+  copied or reversed) and then a letter, the letter and the order hidden. The answers of
+  different tasks to one prompt conflict, so only the support examples tell a task apart, as
+  amplitude and phase do for MAML's sinusoids. Held-out tasks take letters no training task
+  has, on the held-out half of the inputs.
+- ``families``: caesar shifts, substitution tables, base conversions, rotations and more,
+  named after family and parameters (``caesar_3``, ``base_10_to_7``, ``rotate_2``,
+  ``reverse``); ``get_task(name)`` builds any valid member of a family. Held-out tasks are
+  other members of the training families (unseen shifts, bases, strides, substitution tables),
+  each a new mapping that a few examples cannot pin down.
+
+Every prompt is the input followed by ``SEPARATOR`` (``">"``) and the response is the rule's
+output. Family inputs are 3 to 8 characters (base-conversion inputs are capped so that outputs
+stay within 20 digits); with the character tokenizer every sequence is at most 31 tokens with
+BOS and EOS.
 """
 from __future__ import annotations
 

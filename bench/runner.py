@@ -10,7 +10,7 @@ its adapters fp32 on a bf16 base) on ``device`` (``cpu`` or ``cuda``).
 Run as a script, it measures the memory of one variant's step in this fresh process (what
 ``measure_memory`` starts)::
 
-    python bench/runner.py --variant metakernels-cpu --preset fewshot [workload flags]
+    python bench/runner.py --variant metakernels-cpu --threads 2 --preset fewshot [workload flags]
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str
     """
     check_shardable(cfg, world_size)
     if not getattr(model, "_metakernels_sharded", False):   # else load_sharded_base did it
-        _fully_shard(model, world_size)
+        _fully_shard(model, world_size, next(model.parameters()).device.type)
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global shapes
     local = local_param_bytes(model)
     largest = torch.tensor([local], dtype=torch.float64)
@@ -129,14 +129,15 @@ def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str
             "max_local_param_bytes": int(largest)}
 
 
-def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
-    """``fully_shard`` on each decoder layer, then on ``model.base_model`` (see ``shard_base``)."""
+def _fully_shard(model: torch.nn.Module, world_size: int, device_type: str) -> None:
+    """``fully_shard`` on each decoder layer, then on ``model.base_model`` (see ``shard_base``),
+    over a mesh of ``device_type`` (that of the training device, also for a model still on the
+    ``meta`` device)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     base = model.base_model
-    device = next(model.parameters()).device
-    mesh = init_device_mesh("cpu" if device.type == "meta" else device.type, (world_size,))
+    mesh = init_device_mesh(device_type, (world_size,))
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in layer_types]
     if not layers:
@@ -223,8 +224,8 @@ def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
         apply_fused_layers(model)
     out = model.get_output_embeddings()
     tied = out is not None and any(p is out.weight for p in model.base_model.parameters())
-    _fully_shard(model, world_size)
     device = torch.device(cfg.trainer.device)
+    _fully_shard(model, world_size, device.type)
     buffers = [(mod, name, b) for mod in model.modules() for name, b in mod._buffers.items()
                if b is not None]
     model.to_empty(device=device)       # uninitialised shards: every one is read below

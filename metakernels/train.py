@@ -259,9 +259,13 @@ class Trainer:
         except (FileNotFoundError, DataError) as e:
             warnings.warn(f"no held-out tasks for validation ({e}); val/ metrics are not logged")
             return None
-        return build_eval_tasks(tasks, self.tokenizer, self.cfg, n_query=tr.eval_query_size,
-                                max_shots=tr.eval_shots, seeds=tr.eval_seeds,
-                                data_seed=tr.seed)
+        try:
+            return build_eval_tasks(tasks, self.tokenizer, self.cfg, n_query=tr.eval_query_size,
+                                    max_shots=tr.eval_shots, seeds=tr.eval_seeds,
+                                    data_seed=tr.seed)
+        except ValueError as e:  # a held-out support pool smaller than trainer.eval_shots
+            warnings.warn(f"held-out validation is off: {e} (lower trainer.eval_shots)")
+            return None
 
     def validate(self) -> dict:
         """Adapted query loss and token accuracy on the held-out tasks at the current theta.

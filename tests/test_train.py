@@ -174,3 +174,21 @@ def test_builtin_suite_is_chosen_by_name():
     assert len(train.build_tasks(cfg, tok, "heldout")) == 12
     with pytest.raises(ConfigError, match="data.tasks: unknown built-in suite 'builtin:nope'"):
         load_config(None, ["data.tasks=builtin:nope"])
+
+
+def test_validation_is_skipped_with_a_warning_when_held_out_pools_are_too_small(tmp_path):
+    from metakernels.data import write_task_file
+
+    rows = lambda n: [{"prompt": f"{i}>", "response": str(i % 7)} for i in range(n)]
+    # the training tasks in tasks/, the held-out ones beside them in tasks_heldout/
+    for root, n_support in (("tasks", 8), ("tasks_heldout", 2)):
+        for t in range(3):
+            d = tmp_path / root / f"t{t}"
+            d.mkdir(parents=True)
+            write_task_file(d / "support.jsonl", rows(n_support))
+            write_task_file(d / "query.jsonl", rows(8))
+    cfg = load_config(None, SMALL + [f"data.tasks={tmp_path / 'tasks'}",
+                                     f"trainer.output_dir={tmp_path}"])
+    with pytest.warns(UserWarning, match="held-out validation is off: .*lower trainer.eval_shots"):
+        t = train.Trainer(cfg)
+    assert t.val_tasks is None

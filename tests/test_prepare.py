@@ -90,22 +90,23 @@ def test_list_config_and_errors(tmp_path, capsys):
 
     rc, err = run([{"name": "a", "file": "raw/a.jsonl"}], "--support-size", "8",
                   "--query-size", "3")
-    assert rc == 1 and "task 'a': support 8 + query 3 rows exceed the 10 rows" in err
+    assert rc == 2 and "task 'a': support 8 + query 3 rows exceed the 10 rows" in err
+    assert err.startswith("error: ") and err.count("\n") == 1     # one line, as train's
     rc, err = run([{"name": "a", "file": "raw/a.jsonl"}])
-    assert rc == 1 and "no support size" in err
+    assert rc == 2 and "no support size" in err
     rc, err = run([{"name": "a", "file": "raw/a.jsonl", "support": 3}], "--support-size", "2")
-    assert rc == 1 and "unknown keys ['support']" in err
+    assert rc == 2 and "unknown keys ['support']" in err
     rc, err = run([{"name": "a", "file": "raw/a.jsonl"}, {"name": "a", "file": "raw/a.jsonl"}],
                   "--support-size", "2")
-    assert rc == 1 and "duplicate task names: a" in err
+    assert rc == 2 and "duplicate task names: a" in err
     rc, err = run([{"name": "../a", "file": "raw/a.jsonl"}], "--support-size", "2")
-    assert rc == 1 and "not usable as a directory name" in err
+    assert rc == 2 and "not usable as a directory name" in err
     (raw / "b.jsonl").write_text('{"prompt": "p", "answer": "r"}\n')
     rc, err = run([{"name": "b", "file": "raw/b.jsonl"}], "--support-size", "1")
-    assert rc == 1 and f"{raw / 'b.jsonl'} row 1: key 'response' missing" in err
+    assert rc == 2 and f"{raw / 'b.jsonl'} row 1: key 'response' missing" in err
     rc, err = run([{"name": "b", "file": "raw/b.jsonl"}], "--support-size", "1",
                   "--response-key", "answer", "--query-size", "0")
-    assert rc == 1 and "query_size must be a positive integer" in err
+    assert rc == 2 and "query_size must be a positive integer" in err
     with pytest.raises(SystemExit):  # argparse: size and ratio are exclusive
         main(["--input-dir", str(raw), "--output-dir", out, "--support-size", "2",
               "--support-ratio", "0.5"])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import EXIT_USER_ERROR
 from .loader import (FORMATS, MANIFEST, DataError, atomic_path, read_rows, row_texts,
                      write_task_file)
 
@@ -282,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 bad data or failed verification)."""
+    """The command line; returns the exit status (0 ok, 2 bad input: one ``error: ...`` line
+    naming the file, row or key, as the other commands report theirs; 1 a failed
+    verification)."""
     args = build_parser().parse_args(argv)
     defaults = TaskSource("", Path(), args.support_size, args.query_size, args.support_ratio,
                           args.query_ratio, args.max_samples)
@@ -293,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            balance=args.balance, fmt=args.format, prompt_key=args.prompt_key,
                            response_key=args.response_key)
     except DataError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _print_summary(manifest)
     print(f"wrote {len(manifest['tasks'])} tasks to {args.output_dir}")
     if args.verify:

@@ -83,6 +83,24 @@ def run_metadata(device: str = "cpu") -> dict:
     }
 
 
+def settle_run_args(p, args, *, warmup: tuple[int, int], repeats: tuple[int, int]) -> None:
+    """The scripts' shared run flags: ``--warmup`` and ``--repeats`` filled where not given
+    ((default, with --quick)) and checked, then ``--threads`` (1 with ``--quick``, where the
+    timing is not the point) applied to torch. ``p``: the parser, for its error exit."""
+    if args.warmup is None:
+        args.warmup = warmup[1] if args.quick else warmup[0]
+    if args.repeats is None:
+        args.repeats = repeats[1] if args.quick else repeats[0]
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is None and args.quick:
+        args.threads = 1
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
 def quantiles(times: Sequence[float]) -> tuple[float, float, float]:
     """(median, p20, p80), Liger-Kernel's quantiles, by linear interpolation."""
     xs = sorted(times)

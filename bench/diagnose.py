@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from common import DTYPES, machine_name, quantiles
+from common import DTYPES, machine_name, quantiles, settle_run_args
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -393,7 +393,7 @@ def main(argv=None) -> None:
                    help="the step without each non-GEMM kernel (timing only)")
     p.add_argument("--contention", action="store_true",
                    help="the per-thread shares of the meta-batch alone and at once")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps (default 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 1)")
     p.add_argument("--repeats", type=int,
                    help="timed steps, and rounds of each mode (default 5; 1 with --quick)")
     p.add_argument("--threads", type=int,
@@ -402,14 +402,7 @@ def main(argv=None) -> None:
     if not (args.profile or args.breakdown or args.ablate or args.contention):
         p.error("choose at least one of --profile, --breakdown, --ablate, --contention "
                 "(bench/meta_step.py compares the variants)")
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None:
-        if threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(threads)
+    settle_run_args(p, args, warmup=(1, 1), repeats=(5, 1))
     w = resolve_workload(args)
     asked = args.variant or ["metakernels-cpu" if can_run("metakernels-cpu", "cpu")
                              else "metakernels-torch"]

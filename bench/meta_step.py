@@ -85,7 +85,8 @@ import os
 import statistics
 from pathlib import Path
 
-from common import RESULTS, append_csv, print_table, quantiles, require_device, run_metadata
+from common import (RESULTS, append_csv, print_table, quantiles, require_device, run_metadata,
+                    settle_run_args)
 
 import torch  # noqa: E402
 
@@ -231,17 +232,10 @@ def parse_args(argv=None):
                    help="(CPU) fresh processes per variant whose median peak RSS is reported "
                         "(default 3; 1 with --quick)")
     args = p.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     args.memory_runs = args.memory_runs or (1 if args.quick else 3)
-    if args.repeats < 1 or args.warmup < 0 or args.memory_runs < 1:
-        p.error("--repeats and --memory-runs must be >= 1 and --warmup >= 0")
-    if args.threads is None and args.quick:
-        args.threads = 1
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.memory_runs < 1:
+        p.error("--memory-runs must be >= 1")
+    settle_run_args(p, args, warmup=(1, 0), repeats=(5, 1))
     return args
 
 

@@ -66,7 +66,7 @@ import math
 from pathlib import Path
 
 from common import (DEVICES, RESULTS, append_csv, print_table, quantiles, require_device,
-                    run_metadata, time_calls)
+                    run_metadata, settle_run_args, time_calls)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -557,15 +557,7 @@ def main(argv=None) -> None:
                    help="where the ops run (default cpu); cuda: GPU shapes, CUDA events")
     args = p.parse_args(argv)
     require_device(args.device)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 20)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None:
-        if threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(threads)
+    settle_run_args(p, args, warmup=(3, 1), repeats=(20, 2))
     meta = run_metadata(args.device)
     provs = providers(args.device)
     print(f"{meta['machine']}, {meta['cores']} cores, {meta['threads']} threads, torch "

@@ -142,6 +142,16 @@ struct Mat {  // a row-major fp32 matrix: data and row stride
 
 Mat mat(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(-2)}; }
 
+// The per-task fp32 matrices of a [T, rows, cols] bank view (A, B, dA, dB): task t's row-major
+// matrix starts at at(t), row stride ld.
+struct TaskMats {
+  float* p;
+  int64_t stride, ld;
+  float* at(int64_t t) const { return p + t * stride; }
+};
+
+TaskMats task_mats(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
+
 // The tasks of each thread, or none when the per-task path does not apply.
 std::vector<std::vector<int64_t>> task_groups(const Segments& seg, const LoraDims& d,
                                               std::initializer_list<const at::Tensor*> ts) {
@@ -191,16 +201,14 @@ void lora_forward_tasks(const std::vector<std::vector<int64_t>>& groups, const S
                         const at::Tensor& B, double scale, at::Tensor& xa, at::Tensor& y,
                         float beta) {
   const Mat X = mat(x), XA = mat(xa), Y = mat(y);
-  const float* Ap = A.data_ptr<float>();
-  const float* Bp = B.data_ptr<float>();
-  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const TaskMats Am = task_mats(A), Bm = task_mats(B);
   const float sc = static_cast<float>(scale);
   for_tasks(groups, [&](int64_t t) {
     const int64_t s0 = seg.start(t), n = seg.size(t);
     float* xa_t = XA.p + s0 * XA.ld;
-    gemm_rm(false, false, n, d.r, d.in, 1.0f, X.p + s0 * X.ld, X.ld, Ap + t * sA, ldA, 0.0f,
+    gemm_rm(false, false, n, d.r, d.in, 1.0f, X.p + s0 * X.ld, X.ld, Am.at(t), Am.ld, 0.0f,
             xa_t, XA.ld);
-    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bp + t * sB, ldB, beta,
+    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bm.at(t), Bm.ld, beta,
             Y.p + s0 * Y.ld, Y.ld);
   });
 }
@@ -214,12 +222,8 @@ void lora_backward_tasks(const std::vector<std::vector<int64_t>>& groups, const 
                          float beta) {
   const Mat DY = mat(dy), X = mat(x), XA = mat(xa);
   const Mat DX = dx ? mat(*dx) : Mat{nullptr, 0};
-  const float* Ap = A.data_ptr<float>();
-  const float* Bp = B.data_ptr<float>();
-  float* dAp = dA.data_ptr<float>();
-  float* dBp = dB.data_ptr<float>();
-  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
-  const int64_t sdA = dA.stride(0), lddA = dA.stride(1), sdB = dB.stride(0), lddB = dB.stride(1);
+  const TaskMats Am = task_mats(A), Bm = task_mats(B);
+  const TaskMats dAm = task_mats(dA), dBm = task_mats(dB);
   const float sc = static_cast<float>(scale);
   for_tasks(groups, [&](int64_t t) {
     thread_local std::vector<float> g;
@@ -227,13 +231,13 @@ void lora_backward_tasks(const std::vector<std::vector<int64_t>>& groups, const 
     g.resize(static_cast<size_t>(n * d.r));
     const float* dy_t = DY.p + s0 * DY.ld;
     const float* x_t = X.p + s0 * X.ld;
-    gemm_rm(false, true, n, d.r, d.out, 1.0f, dy_t, DY.ld, Bp + t * sB, ldB, 0.0f, g.data(),
+    gemm_rm(false, true, n, d.r, d.out, 1.0f, dy_t, DY.ld, Bm.at(t), Bm.ld, 0.0f, g.data(),
             d.r);
     gemm_rm(true, false, d.r, d.out, n, sc, XA.p + s0 * XA.ld, XA.ld, dy_t, DY.ld, 1.0f,
-            dBp + t * sdB, lddB);
-    gemm_rm(true, false, d.in, d.r, n, sc, x_t, X.ld, g.data(), d.r, 1.0f, dAp + t * sdA, lddA);
+            dBm.at(t), dBm.ld);
+    gemm_rm(true, false, d.in, d.r, n, sc, x_t, X.ld, g.data(), d.r, 1.0f, dAm.at(t), dAm.ld);
     if (DX.p != nullptr) {
-      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Ap + t * sA, ldA, beta,
+      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Am.at(t), Am.ld, beta,
               DX.p + s0 * DX.ld, DX.ld);
     }
   });
@@ -291,9 +295,7 @@ void lora_forward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups, co
   bf16_t* Y = bf16_ptr_mut(y);
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
   const Mat XA = mat(xa);
-  const float* Ap = A.data_ptr<float>();
-  const float* Bp = B.data_ptr<float>();
-  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
+  const TaskMats Am = task_mats(A), Bm = task_mats(B);
   const float sc = static_cast<float>(scale);
   for_tasks(groups, [&](int64_t t) {
     thread_local std::vector<float> xt, lora;
@@ -302,9 +304,9 @@ void lora_forward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups, co
     lora.resize(static_cast<size_t>(n * d.out));
     bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
     float* xa_t = XA.p + s0 * XA.ld;
-    gemm_rm(false, false, n, d.r, d.in, 1.0f, xt.data(), d.in, Ap + t * sA, ldA, 0.0f, xa_t,
+    gemm_rm(false, false, n, d.r, d.in, 1.0f, xt.data(), d.in, Am.at(t), Am.ld, 0.0f, xa_t,
             XA.ld);
-    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bp + t * sB, ldB, 0.0f, lora.data(),
+    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bm.at(t), Bm.ld, 0.0f, lora.data(),
             d.out);
     if (has_base) {
       add_float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), n, d.out);
@@ -326,12 +328,8 @@ void lora_backward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups,
   bf16_t* DX = dx ? bf16_ptr_mut(*dx) : nullptr;
   const int64_t lddy = dy.stride(0), ldx = x.stride(0), lddx = dx ? dx->stride(0) : 0;
   const Mat XA = mat(xa);
-  const float* Ap = A.data_ptr<float>();
-  const float* Bp = B.data_ptr<float>();
-  float* dAp = dA.data_ptr<float>();
-  float* dBp = dB.data_ptr<float>();
-  const int64_t sA = A.stride(0), ldA = A.stride(1), sB = B.stride(0), ldB = B.stride(1);
-  const int64_t sdA = dA.stride(0), lddA = dA.stride(1), sdB = dB.stride(0), lddB = dB.stride(1);
+  const TaskMats Am = task_mats(A), Bm = task_mats(B);
+  const TaskMats dAm = task_mats(dA), dBm = task_mats(dB);
   const float sc = static_cast<float>(scale);
   for_tasks(groups, [&](int64_t t) {
     thread_local std::vector<float> g, dyt, xt, dxt;
@@ -341,15 +339,15 @@ void lora_backward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups,
     xt.resize(static_cast<size_t>(n * d.in));
     bf16_rows_to_float(DY + s0 * lddy, lddy, n, d.out, dyt.data());
     bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
-    gemm_rm(false, true, n, d.r, d.out, 1.0f, dyt.data(), d.out, Bp + t * sB, ldB, 0.0f,
+    gemm_rm(false, true, n, d.r, d.out, 1.0f, dyt.data(), d.out, Bm.at(t), Bm.ld, 0.0f,
             g.data(), d.r);
     gemm_rm(true, false, d.r, d.out, n, sc, XA.p + s0 * XA.ld, XA.ld, dyt.data(), d.out, 1.0f,
-            dBp + t * sdB, lddB);
-    gemm_rm(true, false, d.in, d.r, n, sc, xt.data(), d.in, g.data(), d.r, 1.0f, dAp + t * sdA,
-            lddA);
+            dBm.at(t), dBm.ld);
+    gemm_rm(true, false, d.in, d.r, n, sc, xt.data(), d.in, g.data(), d.r, 1.0f, dAm.at(t),
+            dAm.ld);
     if (DX != nullptr) {
       dxt.resize(static_cast<size_t>(n * d.in));
-      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Ap + t * sA, ldA, 0.0f, dxt.data(),
+      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Am.at(t), Am.ld, 0.0f, dxt.data(),
               d.in);
       if (has_base) {
         add_float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), n, d.in);

@@ -26,11 +26,11 @@ from metakernels.meta import (InnerConfig, PeftAdapterIO, fomaml_step, make_peft
                               naive_step, reptile_step)
 from metakernels.models import build_tiny_model  # noqa: E402
 from metakernels.ops import (AdamState, fused_update, fused_update_ref, meta_reduce,  # noqa: E402
-                             meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref,
+                             meta_reduce_ref, multi_lora_linear,
                              segment_cross_entropy, segment_cross_entropy_ref)
 
 from conftest import random_batch  # noqa: E402
-from test_triton_ops import assert_close_like_torch  # noqa: E402
+from test_triton_ops import assert_close_like_torch, mll_fp64_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -106,12 +106,7 @@ def check_multi_lora_linear(device, dtype, rank, sink, seed, in_f=300, out_f=172
     out = run("triton", A, B, sink)
     ref = run("torch", A, B, False)
     lo = run("torch", A.to(dtype), B.to(dtype), False)  # plain PyTorch at x's dtype
-    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
-    A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
-    y64 = multi_lora_linear_ref(x64, W.double(), b64, A64, B64, layout, scale)
-    y64.backward(dy.double())
-    oracle = {"y": y64.detach(), "x.grad": x64.grad, "b.grad": b64.grad, "dA": A64.grad,
-              "dB": B64.grad}
+    oracle = mll_fp64_oracle(x, W, b, A, B, layout, scale, dy)
     for key in out:
         assert_close_like_torch(key, out[key], lo[key], oracle[key], dtype=ref[key].dtype)
     if sink:  # nothing outside the views was written

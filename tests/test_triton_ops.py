@@ -41,6 +41,17 @@ LONG_LAYOUT = [40, 0, 35]
 FLOOR_ATOL, FLOOR_RTOL = 1e-5, 1.3e-6  # torch.testing's fp32 tolerances
 
 
+def mll_fp64_oracle(x, W, b, A, B, layout, scale, dy) -> dict:
+    """multi_lora_linear's oracle: the differentiable reference in fp64 (the public op takes no
+    fp64), its output and every gradient under the upstream gradient dy."""
+    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
+    A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
+    y64 = multi_lora_linear_ref(x64, W.double(), b64, A64, B64, layout, scale)
+    y64.backward(dy.double())
+    return {"y": y64.detach(), "x.grad": x64.grad, "b.grad": b64.grad, "dA": A64.grad,
+            "dB": B64.grad}
+
+
 def assert_close_like_torch(name, out, ref, oracle, dtype=None):
     """``out`` (kernel) and ``ref`` (plain torch at the kernel's working precision) against the
     high-precision ``oracle``: every element of out within 2 x torch's max error + the fp32
@@ -248,13 +259,7 @@ def test_multi_lora_linear_public_op(sink, dtype, monkeypatch):
     assert fwd_calls and bwd_calls, "the triton backend was not used"
     ref = run("torch", A, B, False)  # the contract: dtypes
     lo = run("torch", A.to(dtype), B.to(dtype), False)  # plain PyTorch at x's dtype: the budget
-    # the oracle: the differentiable reference in fp64 (the public op takes no fp64)
-    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
-    A64, B64 = A.double().requires_grad_(), B.double().requires_grad_()
-    y64 = multi_lora_linear_ref(x64, W.double(), b64, A64, B64, layout, scale)
-    y64.backward(dy.double())
-    oracle = {"y": y64.detach(), "x.grad": x64.grad, "b.grad": b64.grad, "dA": A64.grad,
-              "dB": B64.grad}
+    oracle = mll_fp64_oracle(x, W, b, A, B, layout, scale, dy)
     for key in out:
         assert_close_like_torch(key, out[key], lo[key], oracle[key], dtype=ref[key].dtype)
     if sink:

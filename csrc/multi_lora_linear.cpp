@@ -286,6 +286,17 @@ bf16_t* bf16_ptr_mut(const at::Tensor& t) {
   return reinterpret_cast<bf16_t*>(t.data_ptr<at::BFloat16>());
 }
 
+// The bf16 path converts a task's rows in chunks of at most this many bytes of fp32 per row
+// buffer (every product is separable by rows: dA and dB accumulate over the chunks), so that the
+// thread's scratch stays a few MB whatever the task's length and the layer's width, and a chunk
+// stays in the core's L2 across its products.
+constexpr int64_t kBf16ChunkBytes = 1 << 20;
+
+int64_t bf16_chunk_rows(const LoraDims& d) {
+  const int64_t width = std::max<int64_t>({d.in, d.out, 1});
+  return std::max<int64_t>(16, kBf16ChunkBytes / (4 * width));
+}
+
 // Per task t: xa = x A[t]; y (+)= scale xa B[t], x and y bf16 (has_base: y holds the base term).
 void lora_forward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups, const Segments& seg,
                              const LoraDims& d, const at::Tensor& x, const at::Tensor& A,
@@ -297,21 +308,25 @@ void lora_forward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups, co
   const Mat XA = mat(xa);
   const TaskMats Am = task_mats(A), Bm = task_mats(B);
   const float sc = static_cast<float>(scale);
+  const int64_t chunk = bf16_chunk_rows(d);
   for_tasks(groups, [&](int64_t t) {
     thread_local std::vector<float> xt, lora;
-    const int64_t s0 = seg.start(t), n = seg.size(t);
-    xt.resize(static_cast<size_t>(n * d.in));
-    lora.resize(static_cast<size_t>(n * d.out));
-    bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
-    float* xa_t = XA.p + s0 * XA.ld;
-    gemm_rm(false, false, n, d.r, d.in, 1.0f, xt.data(), d.in, Am.at(t), Am.ld, 0.0f, xa_t,
-            XA.ld);
-    gemm_rm(false, false, n, d.out, d.r, sc, xa_t, XA.ld, Bm.at(t), Bm.ld, 0.0f, lora.data(),
-            d.out);
-    if (has_base) {
-      add_float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), n, d.out);
-    } else {
-      float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), n, d.out);
+    const int64_t n = seg.size(t);
+    xt.resize(static_cast<size_t>(std::min(n, chunk) * d.in));
+    lora.resize(static_cast<size_t>(std::min(n, chunk) * d.out));
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t s0 = seg.start(t) + c0, m = std::min(chunk, n - c0);
+      bf16_rows_to_float(X + s0 * ldx, ldx, m, d.in, xt.data());
+      float* xa_c = XA.p + s0 * XA.ld;
+      gemm_rm(false, false, m, d.r, d.in, 1.0f, xt.data(), d.in, Am.at(t), Am.ld, 0.0f, xa_c,
+              XA.ld);
+      gemm_rm(false, false, m, d.out, d.r, sc, xa_c, XA.ld, Bm.at(t), Bm.ld, 0.0f, lora.data(),
+              d.out);
+      if (has_base) {
+        add_float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), m, d.out);
+      } else {
+        float_rows_to_bf16(Y + s0 * ldy, ldy, lora.data(), m, d.out);
+      }
     }
   });
 }
@@ -331,28 +346,31 @@ void lora_backward_tasks_bf16(const std::vector<std::vector<int64_t>>& groups,
   const TaskMats Am = task_mats(A), Bm = task_mats(B);
   const TaskMats dAm = task_mats(dA), dBm = task_mats(dB);
   const float sc = static_cast<float>(scale);
+  const int64_t chunk = bf16_chunk_rows(d);
   for_tasks(groups, [&](int64_t t) {
     thread_local std::vector<float> g, dyt, xt, dxt;
-    const int64_t s0 = seg.start(t), n = seg.size(t);
-    g.resize(static_cast<size_t>(n * d.r));
-    dyt.resize(static_cast<size_t>(n * d.out));
-    xt.resize(static_cast<size_t>(n * d.in));
-    bf16_rows_to_float(DY + s0 * lddy, lddy, n, d.out, dyt.data());
-    bf16_rows_to_float(X + s0 * ldx, ldx, n, d.in, xt.data());
-    gemm_rm(false, true, n, d.r, d.out, 1.0f, dyt.data(), d.out, Bm.at(t), Bm.ld, 0.0f,
-            g.data(), d.r);
-    gemm_rm(true, false, d.r, d.out, n, sc, XA.p + s0 * XA.ld, XA.ld, dyt.data(), d.out, 1.0f,
-            dBm.at(t), dBm.ld);
-    gemm_rm(true, false, d.in, d.r, n, sc, xt.data(), d.in, g.data(), d.r, 1.0f, dAm.at(t),
-            dAm.ld);
-    if (DX != nullptr) {
-      dxt.resize(static_cast<size_t>(n * d.in));
-      gemm_rm(false, true, n, d.in, d.r, sc, g.data(), d.r, Am.at(t), Am.ld, 0.0f, dxt.data(),
+    const int64_t n = seg.size(t), rows = std::min(n, chunk);
+    g.resize(static_cast<size_t>(rows * d.r));
+    dyt.resize(static_cast<size_t>(rows * d.out));
+    xt.resize(static_cast<size_t>(rows * d.in));
+    if (DX != nullptr) dxt.resize(static_cast<size_t>(rows * d.in));
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t s0 = seg.start(t) + c0, m = std::min(chunk, n - c0);
+      bf16_rows_to_float(DY + s0 * lddy, lddy, m, d.out, dyt.data());
+      bf16_rows_to_float(X + s0 * ldx, ldx, m, d.in, xt.data());
+      gemm_rm(false, true, m, d.r, d.out, 1.0f, dyt.data(), d.out, Bm.at(t), Bm.ld, 0.0f,
+              g.data(), d.r);
+      gemm_rm(true, false, d.r, d.out, m, sc, XA.p + s0 * XA.ld, XA.ld, dyt.data(), d.out, 1.0f,
+              dBm.at(t), dBm.ld);
+      gemm_rm(true, false, d.in, d.r, m, sc, xt.data(), d.in, g.data(), d.r, 1.0f, dAm.at(t),
+              dAm.ld);
+      if (DX == nullptr) continue;
+      gemm_rm(false, true, m, d.in, d.r, sc, g.data(), d.r, Am.at(t), Am.ld, 0.0f, dxt.data(),
               d.in);
       if (has_base) {
-        add_float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), n, d.in);
+        add_float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), m, d.in);
       } else {
-        float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), n, d.in);
+        float_rows_to_bf16(DX + s0 * lddx, lddx, dxt.data(), m, d.in);
       }
     }
   });

@@ -184,6 +184,15 @@ def test_multi_lora_linear_bf16_over_the_fp32_bank(sizes, bias, has_base, lora_p
              flat=False)
 
 
+@pytest.mark.parametrize("in_f,out_f", [(4096, 37), (29, 4100)])
+def test_multi_lora_linear_bf16_tasks_longer_than_a_chunk(in_f, out_f, lora_path):
+    """A wide layer (4096+ columns: 64-row chunks of the per-task scratch) with tasks of several
+    chunks and a partial last one: dA and dB accumulate over the chunks."""
+    sizes = [150, 3, 70, 64]
+    x, W, b, A, B, dy = _mll_inputs(sizes, in_f, out_f, 8, dtype=torch.bfloat16, seed=11)
+    _run_mll(sizes, x, W, b, A, B, dy, 1.5, flat=True)
+
+
 @pytest.mark.parametrize("layout_name", ["3x3", "ragged+empty"])
 @pytest.mark.parametrize("onednn", ONEDNN)
 def test_multi_lora_linear_no_base_transposed_weight_strided_x(layout_name, onednn, lora_path):

@@ -1,8 +1,8 @@
 """``python -m metakernels.train [--config FILE] [key=value ...]``: meta-train a LoRA adapter.
 
 With no arguments: a tiny Llama-architecture model built from a config (random, frozen), the
-built-in hidden-suffix tasks, FOMAML over a LoRA bank (Meta-LoRA), 300 steps in under a minute
-on two idle CPU cores, with the held-out validation curve (``val/loss``) in the run directory.
+built-in hidden-suffix tasks, FOMAML over a LoRA bank (Meta-LoRA), 200 steps in about 30 s on
+two idle CPU cores, with the held-out validation curve (``val/loss``) in the run directory.
 Under ``torchrun --nproc_per_node=N`` the tasks of each meta-batch are split across the
 processes and the flat meta-gradient is all-reduced once per step.
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .cli import check_model_path
 from .config import Config, ConfigError
 
 
@@ -207,10 +208,8 @@ def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
 
     check_shardable(cfg, world_size)
     m = cfg.model
+    check_model_path(m.path)
     path = Path(m.path)
-    if not path.exists():
-        raise FileNotFoundError(f"model.path={m.path} does not exist (models are loaded from a "
-                                f"local directory; nothing is downloaded)")
     files = _safetensors_keys(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code,
                                         local_files_only=True)

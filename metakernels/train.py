@@ -82,9 +82,7 @@ def build_model(cfg: Config, vocab_size: int):
     if m.path is not None:
         from transformers import AutoModelForCausalLM
 
-        if not Path(m.path).exists():
-            raise FileNotFoundError(f"model.path={m.path} does not exist (models are loaded from "
-                                    f"a local directory; nothing is downloaded)")
+        check_model_path(m.path)
         model = AutoModelForCausalLM.from_pretrained(
             m.path, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code,
             attn_implementation=attn, local_files_only=True)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from . import backend as _backend
-from . import gemm as _gemm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .cli import UserError, check_model_path, check_paths, command
 from .config import Config, ConfigError, dump_config, load_config
@@ -41,10 +40,7 @@ class NonFiniteError(RuntimeError):
 def set_kernel_choices(cfg: Config) -> None:
     """``trainer.backend`` and ``trainer.gemm`` for this process (``auto`` leaves the
     environment's choice, or the automatic one)."""
-    if cfg.trainer.backend != "auto":
-        os.environ[_backend.ENV_VAR] = cfg.trainer.backend
-    if cfg.trainer.gemm != "auto":
-        os.environ[_gemm.ENV_VAR] = cfg.trainer.gemm
+    _backend.configure(backend=cfg.trainer.backend, gemm=cfg.trainer.gemm)
 
 
 def build_tokenizer(cfg: Config):

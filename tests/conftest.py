@@ -8,13 +8,23 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from metakernels import Example, pack_tasks  # noqa: E402
+from metakernels import Example, backend, pack_tasks  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_choices():
+    """Kernel choices a test sets for the process (``backend.configure``, as the commands do)
+    end with it."""
+    saved = dict(backend._configured)
+    yield
+    backend._configured.clear()
+    backend._configured.update(saved)
 
 
 def random_tasks(sizes, vocab, min_len=4, max_len=12, seed=0):

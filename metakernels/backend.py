@@ -240,3 +240,12 @@ def override_scope(stack: list[str], name: str, choices: tuple[str, ...], what: 
 def use_backend(name: str):
     """Forces ``name`` inside the block (raises on use if it cannot run)."""
     return use("backend", name)
+
+
+def record(op: str, phase: str):
+    """A profiler label ``metakernels::<op>.<phase>`` around an op's forward or backward: the
+    names benchmarks and profiles find each op by. Without an active profiler, a null context
+    (entering a ``record_function`` costs a dispatcher call even then)."""
+    if not torch._C._autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"metakernels::{op}.{phase}")

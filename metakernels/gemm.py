@@ -68,13 +68,13 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b):
-        with torch.profiler.record_function("metakernels::frozen_linear.forward"):
+        with backend.record("frozen_linear", "forward"):
             ctx.save_for_backward(W)
             return onednn_linear(x, W, b)
 
     @staticmethod
     def backward(ctx, dy):
-        with torch.profiler.record_function("metakernels::frozen_linear.backward"):
+        with backend.record("frozen_linear", "backward"):
             (W,) = ctx.saved_tensors
             if not ctx.needs_input_grad[0]:
                 return None, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
+from ..backend import record  # noqa: F401  (the ops' profiler labels)
 from ..layout import TaskLayout
 
 # float64 for precision checks on the reference backend; the kernels take fp32/bf16/fp16
@@ -59,9 +60,3 @@ def kernel_backend(op: str, *tensors: torch.Tensor) -> str | None:
         return None
     name = _backend.resolve(device)
     return name if name != "torch" and _backend.has_kernel(op, name) else None
-
-
-def record(op: str, phase: str):
-    """A profiler label ``metakernels::<op>.<phase>`` (a no-op without an active profiler): the
-    names benchmarks and profiles find each op's forward and backward by."""
-    return torch.profiler.record_function(f"metakernels::{op}.{phase}")

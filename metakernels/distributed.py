@@ -50,6 +50,11 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and re.fullmatch(r"cuda:\d+", cfg.trainer.device):
+        raise ConfigError(f"trainer.device={cfg.trainer.device} with {local} processes on this "
+                          f"node: all of them would run on that one GPU, which NCCL refuses; "
+                          f"give trainer.device=cuda (process r of a node takes GPU LOCAL_RANK)")
     if not dist.is_initialized():
         _timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
         backend = "nccl" if cfg.trainer.device.startswith("cuda") else "gloo"

@@ -11,8 +11,10 @@ from typing import Any, Sequence, Union
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key."""
 
 

@@ -260,7 +260,7 @@ def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
     from torch.distributed.tensor import DTensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .train import DTYPES
+    from .build import DTYPES
 
     check_shardable(cfg, world_size)
     m = cfg.model

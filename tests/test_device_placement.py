@@ -60,4 +60,3 @@ def test_naive_step_keeps_the_meta_gradient_on_thetas_device(tmp_path, monkeypat
     for name in ("meta_grad", "support_losses", "query_losses", "task_weights", "dropped"):
         assert getattr(got, name).device == theta.device, name
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
-

@@ -53,23 +53,26 @@ class PeftAdapterIO:
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> None:
         for s, a, b in self.params:
-            a.copy_(flat[s.a_slice].view(s.in_features, s.rank).T)
-            b.copy_(flat[s.b_slice].view(s.rank, s.out_features).T)
+            pa, pb = s.peft_views(flat)
+            a.copy_(pa)
+            b.copy_(pb)
 
     def flat_grad(self, num_params: int) -> torch.Tensor:
         out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
+            pa, pb = s.peft_views(out)
             if a.grad is not None:
-                out[s.a_slice] = a.grad.T.reshape(-1)
+                pa.copy_(a.grad)
             if b.grad is not None:
-                out[s.b_slice] = b.grad.T.reshape(-1)
+                pb.copy_(b.grad)
         return out
 
     def flat(self, num_params: int) -> torch.Tensor:
         out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
-            out[s.a_slice] = a.detach().T.reshape(-1)
-            out[s.b_slice] = b.detach().T.reshape(-1)
+            pa, pb = s.peft_views(out)
+            pa.copy_(a.detach())
+            pb.copy_(b.detach())
         return out
 
 

@@ -121,7 +121,8 @@ def adapt_rows(model, bank: AdapterBank, theta: torch.Tensor, supports: Sequence
     with torch.no_grad():
         bank.theta.copy_(theta)
     if inner.num_steps == 0 or all(len(s) == 0 for s in supports):
-        return theta.detach()[None].expand(R, -1).clone(), torch.ones(R, dtype=torch.bool)
+        return (theta.detach()[None].expand(R, -1).clone(),
+                torch.ones(R, dtype=torch.bool, device=theta.device))
     bank.resize(R)
     batch = pack_tasks(supports, pad_id).to(bank.device)
     _, alive, _ = inner_loop(model, bank, batch, inner)

@@ -106,6 +106,9 @@ class TrainerConfig:
     # under torchrun: the frozen base's parameters sharded over the processes with FSDP2
     # (each holds 1/N of them), the tasks still split (metakernels/distributed.py)
     shard_base: bool = False
+    # under torchrun: seconds a process waits for the others in a collective before the run
+    # fails naming the process that did not come (metakernels/distributed.py)
+    collective_timeout_s: float = 600.0
     # held-out validation: every eval_every steps (and at the first and last), each held-out
     # task adapts from theta on eval_shots fixed support examples (eval_seeds draws) and is
     # scored on eval_query_size fixed query examples; 0 turns it off
@@ -315,7 +318,8 @@ def validate(cfg: Config) -> None:
                 "meta.meta_batch_size": me.meta_batch_size, "meta.inner_lr": me.inner_lr,
                 "meta.outer_lr": me.outer_lr, "trainer.total_steps": tr.total_steps,
                 "trainer.log_every": tr.log_every, "trainer.save_every": tr.save_every,
-                "trainer.eval_seeds": tr.eval_seeds, "trainer.eval_query_size": tr.eval_query_size}
+                "trainer.eval_seeds": tr.eval_seeds, "trainer.eval_query_size": tr.eval_query_size,
+                "trainer.collective_timeout_s": tr.collective_timeout_s}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")

@@ -26,7 +26,8 @@ FREE_ON_RESUME = frozenset({
     "trainer.save_every", "trainer.resume", "trainer.overwrite", "trainer.resume_changes",
     "trainer.loggers", "trainer.progress_bar", "trainer.backend", "trainer.gemm",
     "trainer.device", "trainer.max_nonfinite_steps", "trainer.eval_every", "trainer.eval_shots",
-    "trainer.eval_seeds", "trainer.eval_query_size", "meta.task_chunk"})
+    "trainer.eval_seeds", "trainer.eval_query_size", "trainer.collective_timeout_s",
+    "meta.task_chunk"})
 # what theta and the sampler's saved state mean: the base, the adapters, the tasks, the
 # algorithm, the meta-batch and the seed; a resume never changes these
 FIXED_PREFIXES = ("model.", "data.")

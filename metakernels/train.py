@@ -39,6 +39,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         dist.shutdown(barrier=True)   # every process stops at that step: the reduced gradient
         return 1
+    except dist.CollectiveTimeout as e:
+        print(f"error: {e}", file=sys.stderr)
+        dist.shutdown()               # no barrier: a process is not answering
+        return 1
     except BaseException:
         dist.shutdown()
         raise

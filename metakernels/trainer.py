@@ -366,9 +366,12 @@ class Trainer:
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
         if "outer/exp_avg" in tensors:
+            # the checkpoint is read to the host; the moments go where theta is (AdamW's step
+            # count stays on the host, where it keeps it)
+            dev = self.bank.theta.device
             self.optimizer.state[self.bank.theta] = {
-                "exp_avg": tensors["outer/exp_avg"].clone(),
-                "exp_avg_sq": tensors["outer/exp_avg_sq"].clone(),
+                "exp_avg": tensors["outer/exp_avg"].to(dev, copy=True),
+                "exp_avg_sq": tensors["outer/exp_avg_sq"].to(dev, copy=True),
                 "step": tensors["outer/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):

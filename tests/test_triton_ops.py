@@ -325,6 +325,31 @@ def test_fused_update(optimizer, max_grad_norm, weight_decay, entry, monkeypatch
         assert 0 < int(clipped.sum()) < int(finite.sum()), "the test should clip some tasks only"
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_adam_bias_correction_in_fp64(weight_decay):
+    """beta2 = 0.999 at the first steps, where 1 - beta2**step cancels: the kernel's step must
+    be within the fp32 reference's own error against the fp64 oracle (the bias corrections
+    taken in fp32 put it about 1e-5 relative off). Steps near 1 in size (lr ~ 1) over small
+    weights, so that the error of the step is not hidden under the rounding of the weights."""
+    T, P = 4, 1500
+    fast, grad = torch.randn(T, P) * 1e-2, torch.randn(T, P)
+    lr = torch.rand(T) * 0.5 + 0.5
+    state = AdamState(torch.randn(T, P) * 0.1, torch.rand(T, P) * 0.01,
+                      torch.arange(T, dtype=torch.float32))
+    kw = dict(optimizer="adam", max_grad_norm=0.0, betas=(0.9, 0.999), eps=1e-8,
+              weight_decay=weight_decay)
+    fast_ref, state_ref = fast.clone(), _clone_state(state)
+    fast_or = fast.double()
+    state_or = AdamState(*(t.double() for t in (state.exp_avg, state.exp_avg_sq, state.step)))
+    tri_update.fused_update(fast, grad, lr, state=state, **kw)
+    fused_update_ref(fast_ref, grad, lr, state=state_ref, **kw)
+    fused_update_ref(fast_or, grad.double(), lr.double(), state=state_or, **kw)
+    err, ref_err = (fast.double() - fast_or).abs(), (fast_ref.double() - fast_or).abs()
+    floor = 2 ** -24 * fast_or.abs()  # half an ulp of the fp32 result
+    assert (err <= 2 * ref_err.max() + floor).all(), (
+        f"max error {err.max().item():.3g}, the fp32 reference's {ref_err.max().item():.3g}")
+
+
 def test_fused_update_float_lr_through_public_op(monkeypatch):
     fast, grad, _ = _bank(T=3, P=37)
     fast_ref = fast.clone()

@@ -30,7 +30,8 @@ from metakernels.ops import (AdamState, fused_update, fused_update_ref, meta_red
                              segment_cross_entropy, segment_cross_entropy_ref)
 
 from conftest import random_batch  # noqa: E402
-from test_triton_ops import assert_close_like_torch, mll_fp64_oracle  # noqa: E402
+from conftest import assert_close, assert_close_like_torch  # noqa: E402
+from test_triton_ops import mll_fp64_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -185,12 +186,12 @@ def check_fused_update(device, optimizer, weight_decay, seed, T=6, P=70001):
         norms, finite = fused_update(fast, grad, lr, state=state, **kw)
     norms_ref, finite_ref = fused_update_ref(fast_ref, grad, lr, state=state_ref, **kw)
     assert torch.equal(finite, finite_ref) and not finite[1] and finite[2]
-    torch.testing.assert_close(norms, norms_ref, equal_nan=True)
-    torch.testing.assert_close(fast, fast_ref)
+    assert_close(norms, norms_ref, reduction=P, equal_nan=True)
+    assert_close(fast, fast_ref, reduction=P)
     assert torch.equal(fast[1], fast_ref[1])
     if state is not None:
-        torch.testing.assert_close(state.exp_avg, state_ref.exp_avg)
-        torch.testing.assert_close(state.exp_avg_sq, state_ref.exp_avg_sq)
+        assert_close(state.exp_avg, state_ref.exp_avg, reduction=P)
+        assert_close(state.exp_avg_sq, state_ref.exp_avg_sq, reduction=P)
         assert torch.equal(state.step, state_ref.step)
 
 

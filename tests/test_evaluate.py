@@ -13,6 +13,8 @@ from metakernels.export import export_checkpoint
 from metakernels.lora import MultiLoraLinear
 from metakernels.meta.common import InnerConfig
 
+from conftest import MODEL_TOL
+
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=64", "model.lora_rank=4",
         "model.lora_alpha=8", "meta.meta_batch_size=2", "data.support_size=2",
@@ -85,15 +87,14 @@ def test_cli_outputs_well_formed(run_dir, tmp_path):
         a = res["contenders"]["lora-init"]["n_shots"]["0"]["per_task"]
         b = res["contenders"]["base"]["n_shots"]["0"]["per_task"]
         for t in TASKS:
-            np.testing.assert_allclose(a[t][m], b[t][m], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a[t][m], b[t][m], **MODEL_TOL)
     # the checkpoint exported to PEFT and read back is the same contender
     for n in ("0", "2"):
         for t in TASKS:
             for m in ev.METRICS:
                 np.testing.assert_allclose(
                     res["contenders"]["exported"]["n_shots"][n]["per_task"][t][m],
-                    res["contenders"]["meta"]["n_shots"][n]["per_task"][t][m], rtol=1e-5,
-                    atol=1e-6)
+                    res["contenders"]["meta"]["n_shots"][n]["per_task"][t][m], **MODEL_TOL)
     assert set(res["comparisons"]) == {"meta vs lora-init", "exported vs lora-init",
                                        "meta vs exported"}
     comp = res["comparisons"]["meta vs lora-init"]
@@ -120,10 +121,10 @@ def test_batched_adaptation_equals_per_task(setup, eval_tasks, optimizer):
     losses, accs = ev.query_metrics(setup.model, setup.bank, fast, query)
     for r, (i, s) in enumerate(rows):
         one, _ = ev.adapt_rows(setup.model, setup.bank, theta, [supports[r]], inner, pad)
-        torch.testing.assert_close(fast[r:r + 1], one, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast[r:r + 1], one, **MODEL_TOL)
         l1, a1 = ev.query_metrics(setup.model, setup.bank, one,
                                   ev.pack_tasks([eval_tasks[i].query], pad))
-        torch.testing.assert_close(losses[r:r + 1], l1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[r:r + 1], l1, **MODEL_TOL)
         torch.testing.assert_close(accs[r:r + 1], a1)
     # the loss and accuracy against the plain logits of the model
     q0 = query.select(0, 1)
@@ -134,7 +135,7 @@ def test_batched_adaptation_equals_per_task(setup, eval_tasks, optimizer):
     flat = logits.reshape(-1, logits.shape[-1])
     ref_loss = torch.nn.functional.cross_entropy(flat[keep], lab[keep])
     ref_acc = (flat[keep].argmax(-1) == lab[keep]).float().mean()
-    torch.testing.assert_close(losses[0], ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], ref_loss, **MODEL_TOL)
     torch.testing.assert_close(accs[0], ref_acc)
 
 

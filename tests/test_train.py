@@ -10,6 +10,8 @@ from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.config import ConfigError, load_config
 from metakernels.export import export_checkpoint
 
+from conftest import MODEL_TOL
+
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
          "meta.meta_batch_size=3", "data.support_size=2", "data.query_size=2",
          "meta.num_inner_steps=2", "trainer.log_every=1", "trainer.progress_bar=false"]
@@ -108,7 +110,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
             ours = t.model(input_ids=ids).logits
         theirs = peft_model(input_ids=ids).logits
         bare = t.model(input_ids=ids).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, **MODEL_TOL)
     assert not torch.allclose(bare, theirs, atol=1e-4)  # the adapter is really non-trivial
 
 
@@ -153,9 +155,10 @@ def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alo
     settings = ev.EvalSettings([3], 2, t.inner, max_new_tokens=6)
     r = ev.evaluate_contender(setup, ev.Contender("meta", theta, ""), t.val_tasks, 3, settings,
                               ev.stop_token_ids(t.tokenizer))
-    assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()), rel=1e-5)
+    assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()),
+                                            rel=MODEL_TOL["rtol"])
     assert val["val/token_accuracy"] == pytest.approx(
-        float(r["values"]["token_accuracy"].mean()), rel=1e-5)
+        float(r["values"]["token_accuracy"].mean()), rel=MODEL_TOL["rtol"])
     assert [x.name for x in t.val_tasks] == [x.name for x in train.build_tasks(
         t.cfg, t.tokenizer, "heldout")]
     # validating every step changes nothing in what training computes

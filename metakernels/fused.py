@@ -26,7 +26,10 @@ instead of once per op. The rotary forward rounds as the op-by-op form does (bit
 RMSNorm and SwiGLU forwards are within an ulp or two of the library's (a row sum and an exp
 taken in another order). The backwards of a first-order step (no ``create_graph``) run the
 kernels; a double backward runs the torch forms, and raises for a norm that kept its output
-(second-order MAML runs the torch backend). Everywhere else the torch forms run.
+(second-order MAML runs the torch backend). Under the triton backend (CUDA tensors; CPU ones
+under ``TRITON_INTERPRET=1``) the Triton kernels of ``metakernels/ops/_triton`` (``rms_norm``,
+``swiglu``, ``rotary``) take the same place, with the same contract, for float32 and bfloat16.
+Everywhere else the torch forms run.
 
 Under the cpu backend a switched attention also routes the library's ``"sdpa"`` attention
 function to ``csrc/attention.cpp`` (``torch.ops.metakernels.attention_fwd``/``_bwd``) for fp32
@@ -71,6 +74,30 @@ def _cpu_kernels(*tensors: torch.Tensor) -> bool:
             and backend.resolve(tensors[0].device) == "cpu")
 
 
+def _triton_layer_kernels() -> types.SimpleNamespace:
+    """The Triton kernels with the contract of ``torch.ops.metakernels``' layer ops (looked up
+    at each call, so that a test can watch them)."""
+    from .ops._triton import rms_norm, rotary, swiglu
+    return types.SimpleNamespace(
+        rms_norm_fwd=rms_norm.rms_norm_fwd, rms_norm_bwd=rms_norm.rms_norm_bwd,
+        swiglu_fwd=swiglu.swiglu_fwd, swiglu_bwd=swiglu.swiglu_bwd,
+        rotary_fwd=rotary.rotary_fwd, rotary_bwd=rotary.rotary_bwd)
+
+
+def _layer_kernels(*tensors: torch.Tensor):
+    """The one-pass layer kernels that run these tensors, or None: the C++ ones
+    (``torch.ops.metakernels``) under the cpu backend, the Triton ones under the triton
+    backend; float32 or bfloat16 tensors on one device."""
+    if not all(t.dtype in KERNEL_DTYPES and t.device == tensors[0].device for t in tensors):
+        return None
+    name = backend.resolve(tensors[0].device)
+    if name == "cpu":
+        return torch.ops.metakernels
+    if name == "triton":
+        return _triton_layer_kernels()
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # RMSNorm
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +131,14 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         ctx.eps = eps
         ctx.x_is_output = False
-        if _cpu_kernels(x, weight) and x.dtype == weight.dtype:
-            y, r = torch.ops.metakernels.rms_norm_fwd(x, weight, eps)
+        kernels = _layer_kernels(x, weight) if x.dtype == weight.dtype else None
+        if kernels is not None:
+            y, r = kernels.rms_norm_fwd(x, weight, eps)
             # Keep the output, not the input, where the weight allows xhat = y / weight (and is
             # frozen): the next layer (the q/k/v LoRA, the loss) usually keeps y anyway, and x is
             # then freed.
             ctx.x_is_output = not ctx.needs_input_grad[1] and nonzero_weight(weight)
+            ctx.kernels = kernels   # the backward from y must run the kernels' own formula
             ctx.save_for_backward(y if ctx.x_is_output else x, weight, r)
             return y
         xf, r = _rsqrt_mean_square(x, eps)
@@ -120,16 +149,17 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
         if ctx.x_is_output:
-            # The cpu backend's first-order path (second-order MAML runs the torch backend).
+            # The kernels' first-order path (second-order MAML runs the torch backend).
             if torch.is_grad_enabled():
                 raise RuntimeError(
-                    "rms_norm: this RMSNorm ran the cpu backend's first-order kernels, which keep "
-                    "its output instead of its input; for a second-order gradient "
-                    "(create_graph=True) run it under metakernels.backend.use_backend('torch')")
-            return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r, True), None, None
-        if (not torch.is_grad_enabled() and not ctx.needs_input_grad[1]
-                and _cpu_kernels(dy, x, weight, r) and dy.dtype == x.dtype == weight.dtype):
-            return torch.ops.metakernels.rms_norm_bwd(dy, x, weight, r), None, None
+                    "rms_norm: this RMSNorm ran the first-order kernels, which keep its output "
+                    "instead of its input; for a second-order gradient (create_graph=True) run "
+                    "it under metakernels.backend.use_backend('torch')")
+            return ctx.kernels.rms_norm_bwd(dy, x, weight, r, True), None, None
+        kernels = (_layer_kernels(dy, x, weight, r) if dy.dtype == x.dtype == weight.dtype
+                   else None)
+        if not torch.is_grad_enabled() and not ctx.needs_input_grad[1] and kernels is not None:
+            return kernels.rms_norm_bwd(dy, x, weight, r), None, None
         if torch.is_grad_enabled():
             # Double backward: r was computed without a graph in the forward; recompute it from
             # x so that the second derivative sees its dependence on x.
@@ -161,16 +191,18 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        if _cpu_kernels(gate, up) and gate.dtype == up.dtype:
-            return torch.ops.metakernels.swiglu_fwd(gate, up)
+        kernels = _layer_kernels(gate, up) if gate.dtype == up.dtype else None
+        if kernels is not None:
+            return kernels.swiglu_fwd(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        if (not torch.is_grad_enabled() and _cpu_kernels(dy, gate, up)
-                and dy.dtype == gate.dtype == up.dtype):
-            dgate, dup = torch.ops.metakernels.swiglu_bwd(dy, gate, up)
+        kernels = (_layer_kernels(dy, gate, up) if dy.dtype == gate.dtype == up.dtype
+                   and not torch.is_grad_enabled() else None)
+        if kernels is not None:
+            dgate, dup = kernels.swiglu_bwd(dy, gate, up)
             return (dgate if ctx.needs_input_grad[0] else None,
                     dup if ctx.needs_input_grad[1] else None)
         dgate = dup = None
@@ -217,8 +249,9 @@ class _RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        if _rotary_cpu_kernels(q, k, cos=cos, sin=sin):
-            return torch.ops.metakernels.rotary_fwd(q, k, cos, sin)   # bitwise the same
+        kernels = _rotary_kernels(q, k, cos=cos, sin=sin)
+        if kernels is not None:
+            return kernels.rotary_fwd(q, k, cos, sin)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod
@@ -228,16 +261,19 @@ class _RotaryFn(torch.autograd.Function):
                 _rotary_bwd(dk, cos, sin) if ctx.needs_input_grad[1] else None, None, None)
 
 
-def _rotary_cpu_kernels(*xs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether the C++ rotary kernels take these [B, H, L, D] tensors (unit last stride)."""
-    return (all(x.dim() == 4 and x.stride(-1) == 1 and x.dtype == cos.dtype for x in xs)
-            and sin.dtype == cos.dtype and _cpu_kernels(*xs, cos, sin))
+def _rotary_kernels(*xs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The rotary kernels that take these [B, H, L, D] tensors (unit last stride), or None."""
+    if not (all(x.dim() == 4 and x.stride(-1) == 1 and x.dtype == cos.dtype for x in xs)
+            and sin.dtype == cos.dtype):
+        return None
+    return _layer_kernels(*xs, cos, sin)
 
 
 def _rotary_bwd(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary map's transpose (cos and sin broadcast over heads: dy has q's shape)."""
-    if not torch.is_grad_enabled() and _rotary_cpu_kernels(dy, cos=cos, sin=sin):
-        return torch.ops.metakernels.rotary_bwd(dy, cos, sin)
+    kernels = None if torch.is_grad_enabled() else _rotary_kernels(dy, cos=cos, sin=sin)
+    if kernels is not None:
+        return kernels.rotary_bwd(dy, cos, sin)
     return dy * cos + _rotate_half_t(dy * sin)
 
 

@@ -18,9 +18,11 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
 from metakernels import TaskLayout, backend, fused  # noqa: E402
+from metakernels.lora import inject  # noqa: E402
+from metakernels.models import build_tiny_model  # noqa: E402
 from metakernels.ops import _triton  # noqa: E402
 
-from test_triton_ops import assert_close_like_torch  # noqa: E402
+from conftest import MODEL_SUMS, assert_close, assert_close_like_torch, random_batch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not backend.triton_available(torch.device("cpu")),
@@ -215,6 +217,58 @@ def test_rotary_table_with_strided_last_axis_and_rejects():
         tri_rotary.rotary_bwd(q[..., :7], cos[..., :7], sin[..., :7])
     with pytest.raises(ValueError, match="broadcastable"):
         tri_rotary.rotary_bwd(q, cos[:, :, :2], sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's switched layers under the triton backend
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_fused_model_runs_the_triton_kernels(dtype, monkeypatch):
+    """A tiny Llama switched by ``apply_fused_layers``, with the triton backend forced: every
+    RMSNorm, SwiGLU and rotary runs the Triton kernels, forward and backward, and the logits
+    and the adapters' gradient are those of the torch backend (to fp32 rounding through the
+    model's chain of sums; bf16: within twice the error of the bf16 torch backend against the
+    same, bf16-rounded, model in fp32)."""
+    model = build_tiny_model("llama", vocab_size=61, hidden_size=48, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=88)
+    fused.apply_fused_layers(model)
+    bank = inject(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8, num_tasks=2)
+    with torch.no_grad():
+        bank.theta.copy_(torch.randn(bank.num_params) * 0.1)
+    batch = random_batch([3, 2], 61, seed=5)
+    calls = {}
+    for module in (tri_norm, tri_swiglu, tri_rotary):
+        for name in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary_fwd",
+                     "rotary_bwd"):
+            if hasattr(module, name):
+                def spy(*args, _fn=getattr(module, name), _name=name):
+                    calls[_name] = calls.get(_name, 0) + 1
+                    return _fn(*args)
+                monkeypatch.setattr(module, name, spy)
+
+    def run(name, m):
+        fast = bank.theta.detach().expand(2, -1).clone().requires_grad_()
+        with backend.use_backend(name), bank.activate(fast, batch.token_layout):
+            logits = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, 61), batch.labels.reshape(-1))
+            return logits.detach().float(), torch.autograd.grad(loss, fast)[0]
+    model.to(dtype).float()  # the weights rounded to dtype, so that fp32 sees the same model
+    fp32 = run("torch", model)
+    model.to(dtype)
+    calls.clear()
+    got = run("triton", model)
+    # per layer: rotary fwd + 2 bwd (q, k), SwiGLU fwd + bwd, 2 RMSNorm fwd + bwd; the final
+    # norm; no backward for the first layer's input norm (the embedding needs no gradient)
+    assert calls == {"rotary_fwd": 2, "rotary_bwd": 4, "swiglu_fwd": 2, "swiglu_bwd": 2,
+                     "rms_norm_fwd": 5, "rms_norm_bwd": 4}, calls
+    if dtype == torch.float32:
+        assert_close(got[0], fp32[0], reduction=MODEL_SUMS)
+        assert_close(got[1], fp32[1], reduction=MODEL_SUMS)
+    else:
+        ref = run("torch", model)
+        for what, g, r, o in zip(("logits", "adapter gradient"), got, ref, fp32):
+            err, budget = (g - o).abs().max().item(), (r - o).abs().max().item()
+            assert err <= 2 * budget, f"{what}: error {err:.3g}, the bf16 torch backend's {budget:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------

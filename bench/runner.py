@@ -290,7 +290,7 @@ class Metakernels:
     """``fomaml_step``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and with
     the loss computed from the materialised logits instead of ``segment_cross_entropy``;
     ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp, no
-    csrc/attention.cpp)."""
+    csrc/attention.cpp, no Triton layer kernels)."""
 
     def __init__(self, w, adapters, support, query, backend_name, plain=False,
                  layer_kernels=True, gemm=None):
@@ -322,6 +322,7 @@ class Metakernels:
                 stack.enter_context(patched(fomaml_module, "task_losses", plain_task_losses))
             if not self.layer_kernels:
                 stack.enter_context(patched(fused_module, "_cpu_kernels", lambda *t: False))
+                stack.enter_context(patched(fused_module, "_triton_kernels", lambda *t: False))
             if self.gemm is not None:
                 stack.enter_context(use_gemm(self.gemm))
             yield

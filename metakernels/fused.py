@@ -84,16 +84,20 @@ def _triton_layer_kernels() -> types.SimpleNamespace:
         rotary_fwd=rotary.rotary_fwd, rotary_bwd=rotary.rotary_bwd)
 
 
+def _triton_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton layer kernels run these tensors: float32 or bfloat16 on one device,
+    with the triton backend in use (CUDA tensors; CPU ones under ``TRITON_INTERPRET=1``)."""
+    return (all(t.dtype in KERNEL_DTYPES and t.device == tensors[0].device for t in tensors)
+            and backend.resolve(tensors[0].device) == "triton")
+
+
 def _layer_kernels(*tensors: torch.Tensor):
     """The one-pass layer kernels that run these tensors, or None: the C++ ones
     (``torch.ops.metakernels``) under the cpu backend, the Triton ones under the triton
-    backend; float32 or bfloat16 tensors on one device."""
-    if not all(t.dtype in KERNEL_DTYPES and t.device == tensors[0].device for t in tensors):
-        return None
-    name = backend.resolve(tensors[0].device)
-    if name == "cpu":
+    backend."""
+    if _cpu_kernels(*tensors):
         return torch.ops.metakernels
-    if name == "triton":
+    if _triton_kernels(*tensors):
         return _triton_layer_kernels()
     return None
 

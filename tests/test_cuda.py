@@ -321,8 +321,8 @@ def check_meta_step(device, dtype, algorithm, inner):
     want = _naive(naive_base, bank, theta0, support, query, cfg, algorithm)
     oracle = _naive(oracle_base, bank, theta0, support, query, cfg, algorithm)
     floor = 1e-5  # the CPU invariant's fp32 bound (tests/test_invariant.py)
-    err, budget = _rel_err(got.meta_grad.cpu(), oracle.meta_grad), _rel_err(want.meta_grad,
-                                                                           oracle.meta_grad)
+    err, budget = _rel_err(got.meta_grad, oracle.meta_grad), _rel_err(want.meta_grad,
+                                                                   oracle.meta_grad)
     assert err <= 2 * budget + floor, f"meta-gradient: rel. error {err:.3g}, PEFT's {budget:.3g}"
     for name in ("support_losses", "query_losses"):
         g, w, o = (getattr(r, name).cpu().double() for r in (got, want, oracle))

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from metakernels import train
+from metakernels import build, train
+from metakernels import trainer as trainer_module
 from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.config import ConfigError, load_config
 from metakernels.export import export_checkpoint
@@ -45,9 +46,9 @@ def test_kernel_choices_reach_the_environment(monkeypatch):
     for var in (gemm.ENV_VAR, backend.ENV_VAR):   # recorded, so that teardown restores them
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
-    train.set_kernel_choices(load_config(None, []))
+    build.set_kernel_choices(load_config(None, []))
     assert gemm.ENV_VAR not in os.environ and backend.ENV_VAR not in os.environ
-    train.set_kernel_choices(load_config(None, ["trainer.gemm=blas", "trainer.backend=torch"]))
+    build.set_kernel_choices(load_config(None, ["trainer.gemm=blas", "trainer.backend=torch"]))
     assert os.environ[gemm.ENV_VAR] == "blas" and gemm.gemm_library() == "blas"
     assert os.environ[backend.ENV_VAR] == "torch"
 
@@ -64,7 +65,7 @@ def test_config_file_and_aliases(tmp_path):
 
 
 def test_too_many_tasks_per_meta_batch_is_rejected_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("model was loaded"))
+    monkeypatch.setattr(trainer_module, "build_model", lambda *a: pytest.fail("model was loaded"))
     with pytest.raises(ConfigError, match="meta_batch_size=500 but only"):
         train.Trainer(load_config(None, SMALL + ["meta.meta_batch_size=500",
                                                  f"trainer.output_dir={tmp_path}"]))
@@ -97,10 +98,10 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
     from peft import PeftModel
 
     run = _run(tmp_path, "trainer.total_steps=2", "model.target_modules=all-linear")
-    out = export_checkpoint(run, tmp_path / "adapter")
+    out, _, _ = export_checkpoint(run, tmp_path / "adapter")
     cfg = load_config(run / "config.yaml")
-    tok = train.build_tokenizer(cfg)
-    peft_model = PeftModel.from_pretrained(train.build_model(cfg, len(tok)), str(out))
+    tok = build.build_tokenizer(cfg)
+    peft_model = PeftModel.from_pretrained(build.build_model(cfg, len(tok)), str(out))
     t = train.Trainer(cfg)
     assert t.resume()
     ids = torch.randint(0, len(tok), (2, 9))
@@ -141,7 +142,7 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
 
 
 def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alone(tmp_path):
-    from metakernels import evaluate as ev
+    from metakernels import adapt, few_shot as ev
 
     args = SMALL + [f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
                     "trainer.eval_shots=3", "trainer.eval_seeds=2", "trainer.eval_query_size=5"]
@@ -154,12 +155,12 @@ def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alo
     setup = ev.Setup(t.cfg, t.tokenizer, t.model, t.bank, theta)
     settings = ev.EvalSettings([3], 2, t.inner, max_new_tokens=6)
     r = ev.evaluate_contender(setup, ev.Contender("meta", theta, ""), t.val_tasks, 3, settings,
-                              ev.stop_token_ids(t.tokenizer))
+                              adapt.stop_token_ids(t.tokenizer))
     assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()),
                                             rel=MODEL_TOL["rtol"])
     assert val["val/token_accuracy"] == pytest.approx(
         float(r["values"]["token_accuracy"].mean()), rel=MODEL_TOL["rtol"])
-    assert [x.name for x in t.val_tasks] == [x.name for x in train.build_tasks(
+    assert [x.name for x in t.val_tasks] == [x.name for x in build.build_tasks(
         t.cfg, t.tokenizer, "heldout")]
     # validating every step changes nothing in what training computes
     t.train_step()
@@ -172,9 +173,9 @@ def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alo
 
 def test_builtin_suite_is_chosen_by_name():
     cfg = load_config(None, ["data.tasks=builtin:order_suffix"])
-    tok = train.build_tokenizer(cfg)
-    assert len(train.build_tasks(cfg, tok)) == 40
-    assert len(train.build_tasks(cfg, tok, "heldout")) == 12
+    tok = build.build_tokenizer(cfg)
+    assert len(build.build_tasks(cfg, tok)) == 40
+    assert len(build.build_tasks(cfg, tok, "heldout")) == 12
     with pytest.raises(ConfigError, match="data.tasks: unknown built-in suite 'builtin:nope'"):
         load_config(None, ["data.tasks=builtin:nope"])
 

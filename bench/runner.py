@@ -290,7 +290,7 @@ class Metakernels:
     """``fomaml_step``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and with
     the loss computed from the materialised logits instead of ``segment_cross_entropy``;
     ``layer_kernels=False``: the fused layers in their torch forms (no csrc/fused_layers.cpp, no
-    csrc/attention.cpp, no Triton layer kernels)."""
+    csrc/attention.cpp)."""
 
     def __init__(self, w, adapters, support, query, backend_name, plain=False,
                  layer_kernels=True, gemm=None):
@@ -321,8 +321,7 @@ class Metakernels:
             if self.plain:
                 stack.enter_context(patched(fomaml_module, "task_losses", plain_task_losses))
             if not self.layer_kernels:
-                stack.enter_context(patched(fused_module, "_cpu_kernels", lambda *t: False))
-                stack.enter_context(patched(fused_module, "_triton_kernels", lambda *t: False))
+                stack.enter_context(backend.use("layer_kernels", "off"))
             if self.gemm is not None:
                 stack.enter_context(use_gemm(self.gemm))
             yield

@@ -6,7 +6,7 @@ Skipped without a CUDA device. With one, the kernels must be compiled, not inter
 ``TRITON_INTERPRET=0 pytest tests/test_cuda.py`` (a session that interprets fails here rather
 than pass without testing the GPU code).
 
-Tolerances follow ``tests/test_triton_ops.py`` (flash-attention style): the kernel may err at
+Tolerances follow ``conftest.assert_close_like_torch`` (flash-attention style): the kernel may err at
 most twice as much as plain PyTorch at the same dtype does against a high-precision oracle,
 plus an fp32 floor. For the meta-steps the "plain PyTorch at the same dtype" is the per-task
 PEFT loop itself and the oracle the same loop in fp64 on the same (dtype-rounded) weights.
@@ -30,9 +30,8 @@ from metakernels.ops import (AdamState, fused_update, fused_update_ref, meta_red
                              segment_cross_entropy, segment_cross_entropy_ref)
 
 from conftest import random_batch  # noqa: E402
-from conftest import assert_close, assert_close_like_torch  # noqa: E402
+from conftest import assert_close, assert_close_like_torch, mll_fp64_oracle  # noqa: E402
 from test_triton_layers import check_rms_norm, check_rotary, check_swiglu  # noqa: E402
-from test_triton_ops import mll_fp64_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -21,6 +21,8 @@ from metakernels import TaskLayout, backend, fused  # noqa: E402
 from metakernels.lora import inject  # noqa: E402
 from metakernels.models import build_tiny_model  # noqa: E402
 from metakernels.ops import _triton  # noqa: E402
+from metakernels.ops.rms_norm import _rsqrt_mean_square, rms_norm_ref  # noqa: E402
+from metakernels.ops.rotary import rotate  # noqa: E402
 
 from conftest import MODEL_SUMS, assert_close, assert_close_like_torch, random_batch  # noqa: E402
 
@@ -76,7 +78,7 @@ def _norm_inputs(shape, dtype, strided, device="cpu"):
 
 def _library_rms_norm(x, w):
     """Hugging Face's RMSNorm as the library computes it (fp64 in fp64)."""
-    return fused._rms_norm_ref(x, w, EPS)
+    return rms_norm_ref(x, w, EPS)
 
 
 def check_rms_norm(shape, dtype, strided, device="cpu"):
@@ -90,8 +92,8 @@ def check_rms_norm(shape, dtype, strided, device="cpu"):
                                upstream=dy.double())
     assert y.is_contiguous() and rstd.shape == shape[:-1] + (1,)
     assert_close_like_torch("y", y, y_ref, y_or)
-    assert_close_like_torch("rstd", rstd, fused._rsqrt_mean_square(x, EPS)[1],
-                            fused._rsqrt_mean_square(x.double(), EPS)[1], dtype=torch.float32)
+    assert_close_like_torch("rstd", rstd, _rsqrt_mean_square(x, EPS)[1],
+                            _rsqrt_mean_square(x.double(), EPS)[1], dtype=torch.float32)
     dx = tri_norm.rms_norm_bwd(dy, x, w, rstd)
     assert_close_like_torch("dx", dx, dx_ref, dx_or)
     # from the output: xhat = y / w. Plain PyTorch's budget at this dtype is the same backward
@@ -198,7 +200,7 @@ def check_rotary(case, dtype, device="cpu"):
     dq_in, dk_in = tri_rotary.rotary_bwd(dq, cos, sin), tri_rotary.rotary_bwd(dk, cos, sin)
 
     def library(c, s):
-        return lambda a, b: (fused._rotate(a, c, s), fused._rotate(b, c, s))
+        return lambda a, b: (rotate(a, c, s), rotate(b, c, s))
     (q_ref, k_ref), (dq_ref, dk_ref) = _grads(library(cos, sin), q, k, upstream=(dq, dk))
     (q_or, k_or), (dq_or, dk_or) = _grads(library(cos.double(), sin.double()), q.double(),
                                           k.double(), upstream=(dq.double(), dk.double()))
@@ -226,7 +228,7 @@ def test_rotary_table_with_strided_last_axis_and_rejects():
     q, k, cos, sin = _rotary_inputs(1, 2, 2, 3, 8, 1, torch.float32)
     cos_t = cos.transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1
     torch.testing.assert_close(tri_rotary.rotary_fwd(q, k, cos_t, sin)[0],
-                               fused._rotate(q, cos, sin))
+                               rotate(q, cos, sin))
     with pytest.raises(ValueError, match="even head size"):
         tri_rotary.rotary_bwd(q[..., :7], cos[..., :7], sin[..., :7])
     with pytest.raises(ValueError, match="broadcastable"):

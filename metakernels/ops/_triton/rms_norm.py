@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rms_norm import nonzero_weight
 from . import LaunchConfig, launcher
 
 _BLOCK = 2048
@@ -173,8 +174,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
         raise ValueError(f"rms_norm_bwd (triton): rstd must be fp32 with one value per row of x "
                          f"({N}), got {rstd.dtype} {tuple(rstd.shape)}")
     if x_is_output:
-        from ...fused import nonzero_weight  # cached per weight version: no sync per call
-        if not nonzero_weight(weight):
+        if not nonzero_weight(weight):  # cached per weight version: no device sync per call
             raise ValueError("rms_norm_bwd (triton): x_is_output needs a weight without zeros "
                              "(xhat = y / weight)")
     x2, dy2 = _rows(x, D), _rows(dy, D)

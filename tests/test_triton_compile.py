@@ -25,7 +25,8 @@ import sys
 import time
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (bytes), A100 / H100
-INT_ARGS = {"K", "N", "I", "J", "P", "T", "V", "NB", "ignore_index"}  # other scalars are fp32
+# other scalars are fp32
+INT_ARGS = {"K", "N", "I", "J", "P", "S", "T", "V", "NB", "n_search", "ignore_index"}
 MODULES = ("multi_lora_linear", "segment_cross_entropy", "fused_update", "meta_reduce")
 
 

@@ -7,7 +7,8 @@ The frozen base and the adapter bank are rebuilt from the checkpoint's config (s
 config and seed: the same tiny random base; or ``model.path``). Contenders, each an initial
 adapter theta:
 
-    meta        the checkpoint's theta
+    meta        the checkpoint's theta (adapting at its learned inner rates when it was trained
+                with ``meta.inner_lr_mode`` other than fixed; the others adapt at inner_lr)
     lora-init   PEFT's standard LoRA init (``lora_A`` Kaiming-uniform from a fixed generator,
                 ``lora_B`` = 0: at n = 0 it predicts exactly what the base does)
     NAME        every ``--baseline NAME=PATH`` (a run dir, a checkpoint or a PEFT adapter dir)
@@ -55,6 +56,7 @@ from .layout import TaskLayout
 from .lora import inject
 from .meta.common import InnerConfig, hidden_states
 from .meta.fomaml import inner_loop
+from .meta.inner_lr import InnerRates
 from .ops import segment_cross_entropy
 
 METRICS = ("loss", "token_accuracy", "exact_match")
@@ -78,6 +80,7 @@ class Contender:
     name: str
     theta: torch.Tensor | None
     source: str
+    rates: InnerRates | None = None      # learned inner rates (the meta contender's only)
 
     @property
     def zero_shot_only(self) -> bool:
@@ -95,6 +98,7 @@ class Setup:
     theta: torch.Tensor                  # the checkpoint's theta
     meta: dict = field(default_factory=dict)
     source: str = ""
+    rates: InnerRates | None = None      # the checkpoint's learned inner rates, if any
 
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
@@ -167,7 +171,26 @@ def load_setup(checkpoint: str | os.PathLike, config: str | None = None,
     if theta.shape != bank.theta.shape:
         raise ValueError(f"{ckpt}: theta has {theta.numel()} values, the rebuilt bank "
                          f"{bank.num_params}")
-    return Setup(cfg, tokenizer, model, bank, theta.to(bank.device), meta, str(ckpt))
+    return Setup(cfg, tokenizer, model, bank, theta.to(bank.device), meta, str(ckpt),
+                 checkpoint_rates(tensors, meta, bank, ckpt))
+
+
+def checkpoint_rates(tensors: dict, meta: dict, bank: AdapterBank, where) -> InnerRates | None:
+    """The learned inner rates a checkpoint carries (``meta.inner_lr_mode`` other than fixed),
+    or None."""
+    mode = meta.get("inner_lr_mode", "fixed")
+    if mode == "fixed":
+        return None
+    values = tensors.get("inner_lr")
+    if values is None:
+        raise ValueError(f"{where}: trained with inner_lr_mode={mode} but holds no inner_lr")
+    rates = InnerRates(mode, bank, values.shape[0] if mode == "per_layer_step" else 1, 0.0)
+    if values.shape != rates.values.shape:
+        raise ValueError(f"{where}: inner_lr has shape {tuple(values.shape)}, the rebuilt bank "
+                         f"expects {tuple(rates.values.shape)}")
+    with torch.no_grad():
+        rates.values.copy_(values)
+    return rates
 
 
 def _check_slots(bank: AdapterBank, meta: dict, where) -> None:
@@ -357,9 +380,11 @@ def build_eval_tasks(tasks, tokenizer, cfg: Config, *, n_query: int, max_shots: 
 
 # ----------------------------------------------------------------------------- the engine
 def adapt_rows(model, bank: AdapterBank, theta: torch.Tensor, supports: Sequence[Sequence[Example]],
-               inner: InnerConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+               inner: InnerConfig, pad_id: int, rates: InnerRates | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapts one bank row per support set, all rows starting at ``theta``, in ONE batched
-    inner loop. Returns (fast weights [R, P], alive [R] bool)."""
+    inner loop (at the learned ``rates`` when given, else at ``inner.lr``). Returns (fast
+    weights [R, P], alive [R] bool)."""
     R = len(supports)
     with torch.no_grad():
         bank.theta.copy_(theta)
@@ -367,7 +392,7 @@ def adapt_rows(model, bank: AdapterBank, theta: torch.Tensor, supports: Sequence
         return theta.detach()[None].expand(R, -1).clone(), torch.ones(R, dtype=torch.bool)
     bank.resize(R)
     batch = pack_tasks(supports, pad_id).to(bank.device)
-    _, alive, _ = inner_loop(model, bank, batch, inner)
+    _, alive, _ = inner_loop(model, bank, batch, inner, rates=rates)
     fast = bank.fast.detach().clone()
     bank.fast.requires_grad_(False)
     return fast, alive.cpu()
@@ -485,7 +510,7 @@ def evaluate_contender(setup: Setup, contender: Contender, tasks: list[EvalTask]
         else:
             weights, ok = adapt_rows(model, bank, contender.theta,
                                      [tasks[i].support[s][:n] for i, s in part],
-                                     settings.inner, pad_id)
+                                     settings.inner, pad_id, contender.rates)
             for (i, s), a in zip(part, ok.tolist()):
                 alive[i, s] = a
         query = pack_tasks([tasks[i].query for i, _ in part], pad_id).to(bank.device)
@@ -648,7 +673,11 @@ def run(args) -> dict:
         raise ValueError(f"--n-shots must be >= 0, got {n_shots}")
     if args.seeds < 1 or args.n_query < 1:
         raise ValueError("--seeds and --n-query must be >= 1")
-    contenders = [Contender("meta", setup.theta, setup.source),
+    if (setup.rates is not None and setup.rates.mode == "per_layer_step"
+            and setup.rates.num_steps != inner.num_steps):
+        raise ValueError(f"--inner-steps {inner.num_steps}: the checkpoint learned one rate per "
+                         f"module for each of {setup.rates.num_steps} inner steps")
+    contenders = [Contender("meta", setup.theta, setup.source, setup.rates),
                   Contender("lora-init", lora_init_theta(bank, args.init_seed).to(bank.device),
                             f"PEFT init, generator seed {args.init_seed}")]
     for item in args.baseline:
@@ -673,7 +702,8 @@ def run(args) -> dict:
         log(f"evaluating {[c.name for c in contenders]} on {len(tasks)} tasks "
             f"({args.eval_tasks}), n-shots {n_shots}, {args.seeds} seeds, {args.n_query} "
             f"query examples per task; inner loop: {inner.num_steps} x {inner.optimizer} "
-            f"lr {inner.lr}")
+            f"lr {inner.lr}" + (f" (meta: its learned {setup.rates.mode} rates)"
+                                if setup.rates is not None else ""))
     names = [t.name for t in tasks]
     results = {
         "checkpoint": setup.source,
@@ -683,7 +713,9 @@ def run(args) -> dict:
                      "init_seed": args.init_seed, "max_new_tokens": max_new,
                      "inner": {"lr": inner.lr, "num_steps": inner.num_steps,
                                "optimizer": inner.optimizer,
-                               "max_grad_norm": inner.max_grad_norm},
+                               "max_grad_norm": inner.max_grad_norm,
+                               "meta_inner_lr_mode": (setup.rates.mode if setup.rates
+                                                      is not None else "fixed")},
                      "std": "sample std (ddof=1) over seeds",
                      "model": cfg.to_dict()["model"], "trainer_seed": cfg.trainer.seed},
         "contenders": {},

@@ -1,7 +1,11 @@
 """``python -m metakernels.export``: a checkpoint's theta as a PEFT LoRA adapter directory.
 
 The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``, which
-``PeftModel.from_pretrained(base_model, directory)`` loads. ``load_peft_adapter`` reads such a
+``PeftModel.from_pretrained(base_model, directory)`` loads. A checkpoint trained with learned
+inner rates (``meta.inner_lr_mode``) also gets ``inner_lr.safetensors``: PEFT has no place for
+them. Its tensor ``inner_lr`` is [K, modules] (per_layer_step, the modules in the order of its
+``modules`` metadata) or [P] (per_parameter, in the order of theta's slots: each module's A
+[in, r] then B [r, out], row-major); its metadata says which. ``load_peft_adapter`` reads such a
 directory back (to start a run from an SFT adapter: ``model.init_adapter``).
 """
 from __future__ import annotations
@@ -75,10 +79,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
                         f"layout in its metadata)")
     model_cfg = meta["config"]["model"]
     slots = [(n, fin, fout, meta["rank"]) for n, fin, fout in meta["slots"]]
-    return write_peft_adapter(out_dir, tensors["theta"], slots, meta["rank"], meta["alpha"],
-                              base_model=model_cfg.get("path"),
-                              fan_in_fan_out=model_cfg.get("family") == "gpt2"
-                              and model_cfg.get("path") is None)
+    out = write_peft_adapter(out_dir, tensors["theta"], slots, meta["rank"], meta["alpha"],
+                             base_model=model_cfg.get("path"),
+                             fan_in_fan_out=model_cfg.get("family") == "gpt2"
+                             and model_cfg.get("path") is None)
+    mode = meta.get("inner_lr_mode", "fixed")
+    if mode != "fixed":
+        tmp = out / ".inner_lr.safetensors.tmp"
+        save_file({"inner_lr": tensors["inner_lr"].float().contiguous()}, str(tmp),
+                  metadata={"format": "pt", "inner_lr_mode": mode,
+                            "modules": json.dumps([s[0] for s in slots]),
+                            "layout": "[K, modules]" if mode == "per_layer_step"
+                            else "[P], theta's order: per module A [in, r] then B [r, out]"})
+        os.replace(tmp, out / "inner_lr.safetensors")
+    return out
 
 
 def load_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
@@ -104,7 +118,9 @@ def main(argv=None) -> int:
         raise UserError(f"--checkpoint {e}") from None
     cfg = json.loads((out / "adapter_config.json").read_text())
     print(f"wrote PEFT adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, "
-          f"{len(cfg['target_modules'])} modules) to {out}")
+          f"{len(cfg['target_modules'])} modules) to {out}"
+          + (" with its learned inner rates (inner_lr.safetensors)"
+             if (out / "inner_lr.safetensors").is_file() else ""))
     return 0
 
 

@@ -273,3 +273,19 @@ def test_rates_metrics_per_module():
     pp = _rates("per_parameter", bank, 3, 0.1).metrics()
     s = bank.slots[2]
     assert pp[f"inner_lr/{s.name}/max"] <= 0.15 + 1e-7 and len(pp) == 3 + 3 * len(bank.slots)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_inner_step_first_order_rate_gradient_is_exact(mode):
+    """With one inner step no later direction depends on the rate: fomaml's rate gradient is
+    maml's, while theta's still lacks the second-order term."""
+    model, _, bank = _setup(attn="eager", num_tasks=3)
+    support, query = random_batch([2, 3, 1], 97, seed=19), random_batch([3, 1, 2], 97, seed=20)
+    cfg = InnerConfig(lr=0.3, num_steps=1, optimizer="sgd", max_grad_norm=3.0)
+    rates = _rates(mode, bank, 1, cfg.lr)
+    P = bank.num_params
+    with backend.use_backend("torch"):
+        fo = fomaml_step(model, bank, support, query, cfg, rates=rates).meta_grad
+    exact = maml_step(model, bank, support, query, cfg, rates=rates).meta_grad
+    assert rel_err(fo[P:], exact[P:]) < 1e-5
+    assert rel_err(fo[:P], exact[:P]) > 1e-3

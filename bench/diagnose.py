@@ -66,12 +66,12 @@ BREAKDOWN = [
     ("frozen-base GEMMs (frozen_linear)", "metakernels.gemm", "_FrozenLinearFn"),
     ("LoRA projections with their base GEMMs", "metakernels.ops.multi_lora_linear",
      "_MultiLoraLinearFn"),
-    ("attention kernel", "metakernels.fused", "_AttentionFn"),
-    ("SwiGLU", "metakernels.fused", "_SwiGLUFn"),
+    ("attention kernel", "metakernels.ops.attention", "_AttentionFn"),
+    ("SwiGLU", "metakernels.ops.swiglu", "_SwiGLUFn"),
     ("loss (segment_cross_entropy)", "metakernels.ops.segment_cross_entropy",
      "_SegmentCrossEntropyFn"),
-    ("rotary", "metakernels.fused", "_RotaryFn"),
-    ("RMSNorm", "metakernels.fused", "_RMSNormFn"),
+    ("rotary", "metakernels.ops.rotary", "_RotaryFn"),
+    ("RMSNorm", "metakernels.ops.rms_norm", "_RMSNormFn"),
 ]
 
 
@@ -141,28 +141,28 @@ def _no_lora_bwd(dy, x, W, A, B, xa, layout, scale, dA, dB, need_dx):
     return onednn_linear(dy, W.t()) if need_dx else None
 
 
-def _attention_stub_fwd(ctx, q, k, v, mask, causal, scale):
+def _attention_stub_fwd(ctx, q, k, v, mask, causal, scale, name):
     ctx.kv_heads = k.shape[1]
     return q.view_as(q)
 
 
 def _attention_stub_bwd(ctx, d):
     dkv = d[:, :ctx.kv_heads]          # [B, Hkv, L, D], as k and v
-    return d, dkv, dkv, None, None, None
+    return d, dkv, dkv, None, None, None, None
 
 
 ABLATIONS = [
     ("LoRA products", "metakernels.ops.multi_lora_linear", None,
      {"_cpu_fwd": _no_lora_fwd, "_cpu_bwd": _no_lora_bwd}),
-    ("attention kernel", "metakernels.fused", "_AttentionFn",
+    ("attention kernel", "metakernels.ops.attention", "_AttentionFn",
      {"forward": staticmethod(_attention_stub_fwd), "backward": staticmethod(_attention_stub_bwd)}),
-    ("SwiGLU", "metakernels.fused", "_SwiGLUFn",
+    ("SwiGLU", "metakernels.ops.swiglu", "_SwiGLUFn",
      {"forward": staticmethod(lambda ctx, gate, up: gate.view_as(gate)),
       "backward": staticmethod(lambda ctx, dy: (dy, dy))}),
-    ("RMSNorm", "metakernels.fused", "_RMSNormFn",
+    ("RMSNorm", "metakernels.ops.rms_norm", "_RMSNormFn",
      {"forward": staticmethod(lambda ctx, x, weight, eps: x.view_as(x)),
       "backward": staticmethod(lambda ctx, dy: (dy, None, None))}),
-    ("rotary", "metakernels.fused", "_RotaryFn",
+    ("rotary", "metakernels.ops.rotary", "_RotaryFn",
      {"forward": staticmethod(lambda ctx, q, k, cos, sin: (q.view_as(q), k.view_as(k))),
       "backward": staticmethod(lambda ctx, dq, dk: (dq, dk, None, None))}),
 ]

@@ -77,8 +77,8 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
 
 
 def test_export_writes_the_rates_beside_the_peft_adapter(run_dir, tmp_path):
-    out = export_checkpoint(run_dir, tmp_path / "adapter")
-    tensors, meta = load_checkpoint(latest_checkpoint(run_dir))
+    out, ckpt, _ = export_checkpoint(run_dir, tmp_path / "adapter")
+    tensors, meta = load_checkpoint(ckpt)
     with safe_open(str(out / "inner_lr.safetensors"), framework="pt") as f:
         md = f.metadata()
         assert torch.equal(f.get_tensor("inner_lr"), tensors["inner_lr"])
@@ -89,15 +89,17 @@ def test_export_writes_the_rates_beside_the_peft_adapter(run_dir, tmp_path):
 
 def test_evaluate_adapts_the_meta_contender_only_at_its_rates(run_dir, tmp_path, monkeypatch,
                                                               capsys):
+    from metakernels import few_shot
+
     seen = []
-    real = ev.adapt_rows
+    real = few_shot.adapt_rows
 
     def spy(*args, **kw):
         rates = args[6] if len(args) > 6 else kw.get("rates")
         seen.append(None if rates is None else rates.values.detach().clone())
         return real(*args, **kw)
 
-    monkeypatch.setattr(ev, "adapt_rows", spy)
+    monkeypatch.setattr(few_shot, "adapt_rows", spy)
     rc = ev.main(["--checkpoint", str(run_dir), "--tasks", "suffix_u", "--n-shots", "2",
                   "--seeds", "1", "--n-query", "2", "--output-dir", str(tmp_path / "eval"),
                   "--quiet"])

@@ -62,7 +62,7 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
         losses_hist.append(losses.detach())
         if after_step is not None:
             after_step(k)
-    hist = torch.stack(losses_hist) if losses_hist else torch.zeros(0, T)
+    hist = torch.stack(losses_hist) if losses_hist else torch.zeros(0, T, device=bank.device)
     return hist, alive, norms
 
 

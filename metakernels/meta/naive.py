@@ -49,26 +49,33 @@ class PeftAdapterIO:
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, a, b in self.params for p in (a, b)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.params[0][1].device
+
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> None:
         for s, a, b in self.params:
-            a.copy_(flat[s.a_slice].view(s.in_features, s.rank).T)
-            b.copy_(flat[s.b_slice].view(s.rank, s.out_features).T)
+            pa, pb = s.peft_views(flat)
+            a.copy_(pa)
+            b.copy_(pb)
 
     def flat_grad(self, num_params: int) -> torch.Tensor:
-        out = torch.zeros(num_params)
+        out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
+            pa, pb = s.peft_views(out)
             if a.grad is not None:
-                out[s.a_slice] = a.grad.T.reshape(-1)
+                pa.copy_(a.grad)
             if b.grad is not None:
-                out[s.b_slice] = b.grad.T.reshape(-1)
+                pb.copy_(b.grad)
         return out
 
     def flat(self, num_params: int) -> torch.Tensor:
-        out = torch.zeros(num_params)
+        out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
-            out[s.a_slice] = a.detach().T.reshape(-1)
-            out[s.b_slice] = b.detach().T.reshape(-1)
+            pa, pb = s.peft_views(out)
+            pa.copy_(a.detach())
+            pb.copy_(b.detach())
         return out
 
 
@@ -83,10 +90,10 @@ def slot_rates(values: torch.Tensor, slots: list[LoraSlot], num_params: int,
                step: int) -> torch.Tensor:
     """[P] learned rates of inner step ``step`` in the flat layout: ``values`` [K, S] (one per
     step and module: the module's A and B elements get it) or [P] (one per element)."""
-    v = values.detach().cpu()
+    v = values.detach()
     if v.dim() == 1:
         return v
-    out = torch.empty(num_params, dtype=v.dtype)
+    out = torch.empty(num_params, dtype=v.dtype, device=v.device)
     for i, s in enumerate(slots):
         out[s.a_slice] = v[step, i]
         out[s.b_slice] = v[step, i]
@@ -129,18 +136,19 @@ def naive_step(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
                rates: torch.Tensor | None = None,
                msl: Sequence[float] | None = None) -> StepResult:
     """One meta-step, one task at a time. ``algorithm`` is ``"fomaml"`` or ``"reptile"``.
+    Every tensor of the result is on theta's device (that of the PEFT model).
 
     fomaml with learned ``rates`` ([K, S] or [P]) and/or the multi-step loss ``msl``: the
     query gradient after every inner step with a nonzero weight, and the rates' first-order
     gradient ``-g_q * d_j`` for the steps j before that point, summed per rate: the result is
     [P + R], as ``fomaml_step``'s."""
-    theta = theta.detach().cpu()
+    theta = theta.detach()
+    dev = theta.device
     T, P = support.num_tasks, theta.numel()
-    K = cfg.num_steps
     R = 0 if rates is None else rates.numel()
-    acc = torch.zeros(T, P + R)
-    hist = torch.zeros(K, T)
-    qlosses = torch.zeros(T)
+    acc = torch.zeros(T, P + R, device=dev)
+    hist = torch.zeros(cfg.num_steps, T, device=dev)
+    qlosses = torch.zeros(T, device=dev)
     params = io.parameters()
     vs = list(msl) if msl is not None else None
     for t in range(T):
@@ -155,7 +163,7 @@ def naive_step(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
                                           dirs, P)
 
         hist[:, t] = torch.tensor(naive_inner(peft_model, io, theta, support.task(t), cfg,
-                                              rates, query_point))
+                                              rates, query_point), device=dev)
         if vs is not None:
             continue
         for p in params:
@@ -167,12 +175,12 @@ def naive_step(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
             with torch.no_grad():
                 loss = causal_lm_loss(peft_model, q)
             acc[t, :P] = theta - io.flat(P)
-            qlosses[t] = float(loss.detach())
+            qlosses[t] = loss.detach()
     io.load(theta)
     for p in params:
         p.grad = None
-    w = normalized_weights(T, weights, torch.ones(T, dtype=torch.bool), "cpu")
-    return StepResult(w @ acc, hist, qlosses, w, torch.zeros(T, dtype=torch.bool))
+    w = normalized_weights(T, weights, torch.ones(T, dtype=torch.bool, device=dev), dev)
+    return StepResult(w @ acc, hist, qlosses, w, torch.zeros(T, dtype=torch.bool, device=dev))
 
 
 def _query_grad_into(peft_model, io: PeftAdapterIO, q: PackedBatch, out: torch.Tensor,
@@ -190,7 +198,7 @@ def _query_grad_into(peft_model, io: PeftAdapterIO, q: PackedBatch, out: torch.T
         if rates.dim() == 1:
             out[P:] -= weight * g * sum(dirs)
         else:
-            rg = torch.zeros(rates.shape)
+            rg = torch.zeros(rates.shape, device=g.device)
             for j, d in enumerate(dirs):
                 for i, s in enumerate(io.slots):
                     rg[j, i] = (g[s.a_slice] * d[s.a_slice]).sum() + (

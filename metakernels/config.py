@@ -78,6 +78,13 @@ class MetaConfig:
     lr_schedule: str = "cosine"            # cosine | constant
     task_sampling: str = "uniform"         # uniform | loss
     task_chunk: int = 0                    # run a meta-batch's tasks in chunks of this many; 0: all
+    # fixed | per_layer_step | per_parameter: learned inner rates (metakernels/meta/inner_lr.py),
+    # each starting at inner_lr, stepped by the outer optimizer beside theta
+    inner_lr_mode: str = "fixed"
+    # MAML++'s multi-step loss: the query loss after every inner step, its weights moved from
+    # uniform onto the last step over multi_step_loss_steps outer steps
+    multi_step_loss: bool = False
+    multi_step_loss_steps: int = 100
 
 
 @dataclass
@@ -144,6 +151,7 @@ CHOICES = {
     "meta.inner_optimizer": ("sgd", "adam"),
     "meta.lr_schedule": ("cosine", "constant"),
     "meta.task_sampling": ("uniform", "loss"),
+    "meta.inner_lr_mode": ("fixed", "per_layer_step", "per_parameter"),
     "trainer.backend": ("auto", "torch", "cpu", "triton"),
     "trainer.gemm": ("auto", "onednn", "blas"),
 }
@@ -327,6 +335,7 @@ def validate(cfg: Config) -> None:
                     "meta.inner_max_grad_norm": me.inner_max_grad_norm,
                     "meta.weight_decay": me.weight_decay, "meta.max_grad_norm": me.max_grad_norm,
                     "meta.warmup_steps": me.warmup_steps, "meta.task_chunk": me.task_chunk,
+                    "meta.multi_step_loss_steps": me.multi_step_loss_steps,
                     "trainer.max_nonfinite_steps": tr.max_nonfinite_steps,
                     "trainer.eval_every": tr.eval_every, "trainer.eval_shots": tr.eval_shots}
     for key, value in non_negative.items():
@@ -371,6 +380,16 @@ def validate(cfg: Config) -> None:
                           f"(every process must run the same passes through the sharded base)")
     if me.algorithm == "reptile" and me.num_inner_steps == 0:
         raise ConfigError("meta.num_inner_steps: reptile needs at least one inner step")
+    for key, on in (("meta.inner_lr_mode", me.inner_lr_mode != "fixed"),
+                    ("meta.multi_step_loss", me.multi_step_loss)):
+        if not on:
+            continue
+        if me.algorithm not in ("fomaml", "maml"):
+            raise ConfigError(f"{key}: learned inner rates and the multi-step loss have a "
+                              f"meta-gradient under fomaml and maml, not {me.algorithm}")
+        if me.num_inner_steps == 0:
+            raise ConfigError(f"{key}: needs meta.num_inner_steps >= 1 (no inner step, nothing "
+                              f"to learn or weigh)")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

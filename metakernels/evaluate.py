@@ -7,7 +7,8 @@ The frozen base and the adapter bank are rebuilt from the checkpoint's config (s
 config and seed: the same tiny random base; or ``model.path``). Contenders, each an initial
 adapter theta:
 
-    meta        the checkpoint's theta
+    meta        the checkpoint's theta (adapting at its learned inner rates when it was trained
+                with ``meta.inner_lr_mode`` other than fixed; the others adapt at inner_lr)
     lora-init   PEFT's standard LoRA init (``lora_A`` Kaiming-uniform from a fixed generator,
                 ``lora_B`` = 0: at n = 0 it predicts exactly what the base does)
     NAME        every ``--baseline NAME=PATH`` (a run dir, a checkpoint or a PEFT adapter dir)
@@ -104,7 +105,11 @@ def run(args) -> dict:
         max_grad_norm=(args.inner_max_grad_norm if args.inner_max_grad_norm is not None
                        else me.inner_max_grad_norm))
     n_shots = sorted(set(args.n_shots))
-    contenders = [Contender("meta", setup.theta, setup.source),
+    if (setup.rates is not None and setup.rates.mode == "per_layer_step"
+            and setup.rates.num_steps != inner.num_steps):
+        raise UserError(f"--inner-steps {inner.num_steps}: the checkpoint learned one rate per "
+                        f"module for each of {setup.rates.num_steps} inner steps")
+    contenders = [Contender("meta", setup.theta, setup.source, setup.rates),
                   Contender("lora-init", lora_init_theta(bank, args.init_seed).to(bank.device),
                             f"PEFT init, generator seed {args.init_seed}")]
     for name, path in baselines:
@@ -124,7 +129,8 @@ def run(args) -> dict:
         log(f"evaluating {[c.name for c in contenders]} on {len(tasks)} tasks "
             f"({args.eval_tasks}), n-shots {n_shots}, {args.seeds} seeds, {args.n_query} "
             f"query examples per task; inner loop: {inner.num_steps} x {inner.optimizer} "
-            f"lr {inner.lr}")
+            f"lr {inner.lr}" + (f" (meta: its learned {setup.rates.mode} rates)"
+                                if setup.rates is not None else ""))
     names = [t.name for t in tasks]
     results = {
         "checkpoint": setup.source,
@@ -134,7 +140,9 @@ def run(args) -> dict:
                      "init_seed": args.init_seed, "max_new_tokens": max_new,
                      "inner": {"lr": inner.lr, "num_steps": inner.num_steps,
                                "optimizer": inner.optimizer,
-                               "max_grad_norm": inner.max_grad_norm},
+                               "max_grad_norm": inner.max_grad_norm,
+                               "meta_inner_lr_mode": (setup.rates.mode if setup.rates
+                                                      is not None else "fixed")},
                      "std": "sample std (ddof=1) over seeds",
                      "model": cfg.to_dict()["model"], "trainer_seed": cfg.trainer.seed},
         "contenders": {},

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, dump_config
 from .errors import UserError
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
 from .meta.chunked import chunked_step
+from .meta.inner_lr import InnerRates, msl_weights
 from .peft_adapter import peft_theta
 from .run_dir import clear_run, new_run_id
 
@@ -159,8 +160,15 @@ class Trainer:
             mem = dist.shard_base(self.model, cfg, self.world_size)
             if self.is_main:
                 print(dist.describe_sharding(mem, self.world_size), flush=True)
-        self.optimizer = torch.optim.AdamW([self.bank.theta], lr=cfg.meta.outer_lr,
-                                           weight_decay=cfg.meta.weight_decay)
+        me = cfg.meta
+        # learned inner rates: meta-parameters beside theta, in the same outer AdamW, without
+        # weight decay (it would pull every rate towards 0, i.e. no adaptation)
+        self.rates = (InnerRates(me.inner_lr_mode, self.bank, me.num_inner_steps, me.inner_lr)
+                      if me.inner_lr_mode != "fixed" else None)
+        groups = [{"params": [self.bank.theta]}]
+        if self.rates is not None:
+            groups.append({"params": [self.rates.values], "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=me.outer_lr, weight_decay=me.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.inner = InnerConfig(lr=cfg.meta.inner_lr, num_steps=cfg.meta.num_inner_steps,
                                  optimizer=cfg.meta.inner_optimizer,
@@ -208,7 +216,8 @@ class Trainer:
         try:
             theta = self.bank.theta.detach()
             fast, alive = adapt_rows(self.model, self.bank, theta,
-                                     [t.support[s] for t, s in rows], self.inner, pad_id)
+                                     [t.support[s] for t, s in rows], self.inner, pad_id,
+                                     self.rates)
             device = self.cfg.trainer.device
             query = pack_tasks([t.query for t, _ in rows], pad_id).to(device)
             losses, accs = query_metrics(self.model, self.bank, fast, query)
@@ -225,13 +234,21 @@ class Trainer:
                 "val/diverged": int((~ok).sum())}
 
     # -- one meta-step ----------------------------------------------------------------------
+    def msl(self) -> list[float] | None:
+        """This step's multi-step loss weights, or None without ``meta.multi_step_loss``."""
+        me = self.cfg.meta
+        if not me.multi_step_loss:
+            return None
+        return msl_weights(me.num_inner_steps, self.step, me.multi_step_loss_steps)
+
     def _local_step(self, support, query):
         algo = self.cfg.meta.algorithm
+        learned = {"rates": self.rates, "msl": self.msl()} if algo in ("fomaml", "maml") else {}
         if algo in ("fomaml", "reptile"):
             return chunked_step(algo, self.model, self.bank, support, query, self.inner,
-                                self.cfg.meta.task_chunk)
+                                self.cfg.meta.task_chunk, **learned)
         if algo == "maml":
-            return maml_step(self.model, self.bank, support, query, self.inner)
+            return maml_step(self.model, self.bank, support, query, self.inner, **learned)
         if algo == "multitask":
             return multitask_step(self.model, self.bank, support, query)
         return naive_step(self.peft_model, self.peft_io, self.bank.theta.detach(), support,
@@ -265,9 +282,13 @@ class Trainer:
         else:
             self.nonfinite_in_a_row = 0
             self._check_alive(grad_norm, red)
-            if cfg.meta.max_grad_norm > 0:
+            if cfg.meta.max_grad_norm > 0:  # over theta and the learned rates together
                 meta_grad = meta_grad * min(1.0, cfg.meta.max_grad_norm / (grad_norm + 1e-6))
-            self.bank.theta.grad = meta_grad.to(self.bank.theta.dtype)
+            P = self.bank.num_params
+            self.bank.theta.grad = meta_grad[:P].to(self.bank.theta.dtype)
+            if self.rates is not None:
+                self.rates.values.grad = meta_grad[P:].view_as(self.rates.values).to(
+                    self.rates.values.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if not bool(torch.isfinite(self.bank.theta).all()):
@@ -301,16 +322,30 @@ class Trainer:
                    "peak_memory_mb": peak_rss_mb()}
         for n, v in zip(names, red.support_losses_last.tolist()):
             metrics[f"stage1/{n}/loss"] = v
+        if self.rates is not None:
+            metrics.update(self.rates.metrics())
         self.step += 1
         return metrics
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _meta_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The outer optimizer's parameters by checkpoint name (``outer/`` is theta's state,
+        ``outer_inner_lr/`` the learned rates')."""
+        out = {"outer": self.bank.theta}
+        if self.rates is not None:
+            out["outer_inner_lr"] = self.rates.values
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t = {"theta": self.bank.theta.detach(), "rng/torch": torch.get_rng_state()}
-        st = self.optimizer.state.get(self.bank.theta, {})
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            if k in st:
-                t[f"outer/{k}"] = torch.as_tensor(st[k]).reshape(-1) if k == "step" else st[k]
+        if self.rates is not None:
+            t["inner_lr"] = self.rates.values.detach()
+        for prefix, param in self._meta_parameters().items():
+            st = self.optimizer.state.get(param, {})
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                if k in st:
+                    t[f"{prefix}/{k}"] = (torch.as_tensor(st[k]).reshape(-1) if k == "step"
+                                          else st[k])
         return t
 
     def _check_alive(self, grad_norm: float, red) -> None:
@@ -350,7 +385,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "zero_grad_in_a_row": self.zero_grad_in_a_row,
-                "python_rng": repr(random.getstate()), **adapter_meta(self.bank)}
+                "python_rng": repr(random.getstate()), **adapter_meta(self.bank),
+                "inner_lr_mode": self.cfg.meta.inner_lr_mode}
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
 
     def resume(self) -> bool:
@@ -363,16 +399,26 @@ class Trainer:
                             f"values, this run's adapters have {self.bank.num_params} (model or "
                             f"LoRA settings differ from the checkpoint's); use the checkpoint's "
                             f"settings, or another trainer.experiment_name for a new run")
+        saved_mode = meta.get("inner_lr_mode", "fixed")
+        if saved_mode != self.cfg.meta.inner_lr_mode or (
+                self.rates is not None and tensors["inner_lr"].shape != self.rates.values.shape):
+            raise UserError(f"trainer.resume=true: {ckpt} was trained with meta.inner_lr_mode="
+                            f"{saved_mode} (and its meta.num_inner_steps), this run has "
+                            f"{self.cfg.meta.inner_lr_mode}; use the checkpoint's settings, or "
+                            f"another trainer.experiment_name for a new run")
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
-        if "outer/exp_avg" in tensors:
-            # the checkpoint is read to the host; the moments go where theta is (AdamW's step
-            # count stays on the host, where it keeps it)
-            dev = self.bank.theta.device
-            self.optimizer.state[self.bank.theta] = {
-                "exp_avg": tensors["outer/exp_avg"].to(dev, copy=True),
-                "exp_avg_sq": tensors["outer/exp_avg_sq"].to(dev, copy=True),
-                "step": tensors["outer/step"].reshape(()).clone()}
+            if self.rates is not None:
+                self.rates.values.copy_(tensors["inner_lr"])
+        for prefix, param in self._meta_parameters().items():
+            if f"{prefix}/exp_avg" in tensors:
+                # the checkpoint is read to the host; the moments go where their parameter is
+                # (AdamW's step count stays on the host, where it keeps it)
+                dev = param.device
+                self.optimizer.state[param] = {
+                    "exp_avg": tensors[f"{prefix}/exp_avg"].to(dev, copy=True),
+                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].to(dev, copy=True),
+                    "step": tensors[f"{prefix}/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # load_state_dict restores the schedule, not the optimizer's lr

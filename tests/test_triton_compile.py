@@ -29,8 +29,8 @@ import time
 
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (bytes), A100 / H100
 SM90_SMEM_PER_SM, SMEM_RESERVED_PER_BLOCK = 228 * 1024, 1024  # what two blocks on an SM share
-INT_ARGS = {"K", "N", "I", "J", "P", "T", "V", "NB", "D", "HALF", "n", "n1", "n2", "n_rows",
-            "ignore_index"}  # other scalars are fp32
+INT_ARGS = {"K", "N", "I", "J", "P", "S", "T", "V", "NB", "D", "HALF", "n", "n1", "n2", "n_rows",
+            "n_search", "ignore_index"}  # other scalars are fp32
 MODULES = ("multi_lora_linear", "segment_cross_entropy", "fused_update", "meta_reduce",
            "rms_norm", "swiglu", "rotary")
 

@@ -39,20 +39,30 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
 
 // Per task t (g = grad[t]): norm = ||g||; a non-finite norm skips the task (nothing written);
 // g *= min(1, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0;
-// g += weight_decay * fast[t]; fast[t] -= lr[t] * g.
-// fast, grad [T, P] fp32 contiguous; lr [T] fp32. Returns (norms [T] fp32, finite [T] bool).
+// d = g + weight_decay * fast[t]; fast[t] -= rate * d; direction[t] += d (if given).
+// rate = lr[t], or lr[t] * rates[s] for element j of segment s (rate_offsets int32 [S + 1] from
+// 0 to P), or lr[t] * rates[j] (rates [P], no rate_offsets).
+// fast, grad, direction [T, P] fp32 contiguous; lr [T] fp32. Returns (norms [T], finite [T]).
 std::tuple<at::Tensor, at::Tensor> fused_sgd_(at::Tensor& fast, const at::Tensor& grad,
                                               const at::Tensor& lr, double max_grad_norm,
-                                              double weight_decay);
+                                              double weight_decay,
+                                              const c10::optional<at::Tensor>& rates,
+                                              const c10::optional<at::Tensor>& rate_offsets,
+                                              const c10::optional<at::Tensor>& direction);
 
 // As fused_sgd_ for norm/skip/clip, then AdamW (decoupled weight decay), torch.optim.Adam's
 // formula: step[t] += 1; fast *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 // fast -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). exp_avg, exp_avg_sq [T, P], step [T] fp32.
+// rates, rate_offsets as fused_sgd_ (the rate replaces lr in both the decay and the step);
+// direction[t] += wd fast + m / (bc1 (sqrt(v) / sqrt(bc2) + eps)), the step being -rate times it.
 std::tuple<at::Tensor, at::Tensor> fused_adam_(at::Tensor& fast, const at::Tensor& grad,
                                                at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                                                at::Tensor& step, const at::Tensor& lr,
                                                double max_grad_norm, double beta1, double beta2,
-                                               double eps, double weight_decay);
+                                               double eps, double weight_decay,
+                                               const c10::optional<at::Tensor>& rates,
+                                               const c10::optional<at::Tensor>& rate_offsets,
+                                               const c10::optional<at::Tensor>& direction);
 
 // kind 0 (fomaml):  out = sum_t weights[t] * x[t]
 // kind 1 (reptile): out = sum_t weights[t] * (theta - x[t])

@@ -18,6 +18,7 @@ from .errors import UserError
 from .layout import TaskLayout
 from .meta.common import InnerConfig, hidden_states
 from .meta.fomaml import inner_loop
+from .meta.inner_lr import InnerRates
 from .ops import segment_cross_entropy
 
 
@@ -114,18 +115,20 @@ def build_eval_tasks(tasks, tokenizer, cfg: Config, *, n_query: int, max_shots: 
 
 # ----------------------------------------------------------------------------- the engine
 def adapt_rows(model, bank: AdapterBank, theta: torch.Tensor, supports: Sequence[Sequence[Example]],
-               inner: InnerConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+               inner: InnerConfig, pad_id: int, rates: InnerRates | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapts one bank row per support set, all rows starting at ``theta``, in ONE batched
-    inner loop. Returns (fast weights [R, P], alive [R] bool)."""
+    inner loop (at the learned ``rates`` when given, else at ``inner.lr``). Returns (fast
+    weights [R, P] on theta's device, alive [R] bool on the host)."""
     R = len(supports)
     with torch.no_grad():
         bank.theta.copy_(theta)
     if inner.num_steps == 0 or all(len(s) == 0 for s in supports):
         return (theta.detach()[None].expand(R, -1).clone(),
-                torch.ones(R, dtype=torch.bool, device=theta.device))
+                torch.ones(R, dtype=torch.bool, device="cpu"))
     bank.resize(R)
     batch = pack_tasks(supports, pad_id).to(bank.device)
-    _, alive, _ = inner_loop(model, bank, batch, inner)
+    _, alive, _ = inner_loop(model, bank, batch, inner, rates=rates)
     fast = bank.fast.detach().clone()
     bank.fast.requires_grad_(False)
     return fast, alive.cpu()

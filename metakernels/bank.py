@@ -185,6 +185,12 @@ class AdapterBank:
     def device(self) -> torch.device:
         return self.theta.device
 
+    def slot_offsets(self) -> torch.Tensor:
+        """int32 [S + 1] on the bank's device: where each slot starts in P, then P. The segments
+        of ``fused_update``'s per-segment rates (one rate per adapted module)."""
+        starts = [s.offset for s in self.slots] + [self.num_params]
+        return torch.tensor(starts, dtype=torch.int32, device=self.device)
+
     def resize(self, num_tasks: int) -> None:
         """Reallocates the per-task buffers for ``num_tasks`` tasks."""
         if num_tasks != self.num_tasks:

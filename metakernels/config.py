@@ -78,6 +78,13 @@ class MetaConfig:
     lr_schedule: str = "cosine"            # cosine | constant
     task_sampling: str = "uniform"         # uniform | loss
     task_chunk: int = 0                    # run a meta-batch's tasks in chunks of this many; 0: all
+    # fixed | per_layer_step | per_parameter: learned inner rates (metakernels/meta/inner_lr.py),
+    # each starting at inner_lr, stepped by the outer optimizer beside theta
+    inner_lr_mode: str = "fixed"
+    # MAML++'s multi-step loss: the query loss after every inner step, its weights moved from
+    # uniform onto the last step over multi_step_loss_steps outer steps
+    multi_step_loss: bool = False
+    multi_step_loss_steps: int = 100
 
 
 @dataclass
@@ -91,6 +98,12 @@ class TrainerConfig:
     log_every: int = 10
     save_every: int = 50
     resume: bool = False
+    # a new run in a directory that holds another run's checkpoints or metrics replaces them
+    # (otherwise the run refuses the directory)
+    overwrite: bool = False
+    # settings a resumed run may change from the checkpoint's besides those that never change
+    # the training (docs/usage.md, "Resuming")
+    resume_changes: list[str] = field(default_factory=list)
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     backend: str = "auto"                  # auto | torch | cpu | triton
     gemm: str = "auto"                     # auto | onednn | blas (the cpu backend's frozen GEMMs)
@@ -138,6 +151,7 @@ CHOICES = {
     "meta.inner_optimizer": ("sgd", "adam"),
     "meta.lr_schedule": ("cosine", "constant"),
     "meta.task_sampling": ("uniform", "loss"),
+    "meta.inner_lr_mode": ("fixed", "per_layer_step", "per_parameter"),
     "trainer.backend": ("auto", "torch", "cpu", "triton"),
     "trainer.gemm": ("auto", "onednn", "blas"),
 }
@@ -285,8 +299,19 @@ def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def setting_names(cfg: Config) -> list[str]:
+    """Every ``section.name`` of the config."""
+    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, sec.name))]
+
+
 def validate(cfg: Config) -> None:
     """Rejects impossible values before any model or data is loaded."""
+    for key in setting_names(cfg):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     for key, options in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -310,14 +335,18 @@ def validate(cfg: Config) -> None:
                     "meta.inner_max_grad_norm": me.inner_max_grad_norm,
                     "meta.weight_decay": me.weight_decay, "meta.max_grad_norm": me.max_grad_norm,
                     "meta.warmup_steps": me.warmup_steps, "meta.task_chunk": me.task_chunk,
+                    "meta.multi_step_loss_steps": me.multi_step_loss_steps,
                     "trainer.max_nonfinite_steps": tr.max_nonfinite_steps,
                     "trainer.eval_every": tr.eval_every, "trainer.eval_shots": tr.eval_shots}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if not math.isfinite(tr.collective_timeout_s):
-        raise ConfigError(f"trainer.collective_timeout_s: must be a finite number of seconds, "
-                          f"got {tr.collective_timeout_s}")
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length: must be >= 2 (a prompt token and a response "
+                          f"token), got {d.max_length}")
+    if tr.experiment_name.strip() in ("", ".", ".."):
+        raise ConfigError(f"trainer.experiment_name: {tr.experiment_name!r} names no run "
+                          f"directory under trainer.output_dir; give a name, e.g. default")
     if not 0.0 <= m.lora_dropout < 1.0:
         raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {m.lora_dropout}")
     if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
@@ -331,6 +360,11 @@ def validate(cfg: Config) -> None:
                               f"{', '.join('builtin:' + n for n in SUITES)}")
     if isinstance(m.target_modules, list) and not m.target_modules:
         raise ConfigError("model.target_modules: empty list; give module names or 'all-linear'")
+    unknown = [k for k in tr.resume_changes if ALIASES.get(k, k) not in setting_names(cfg)]
+    if unknown:
+        raise ConfigError(f"trainer.resume_changes: unknown settings {unknown}; give "
+                          f"section.name keys, e.g. [meta.inner_lr]")
+    tr.resume_changes = [ALIASES.get(k, k) for k in tr.resume_changes]
     bad = [x for x in tr.loggers if x not in LOGGERS]
     if bad:
         raise ConfigError(f"trainer.loggers: unknown {bad}; choose from {', '.join(LOGGERS)}")
@@ -346,6 +380,16 @@ def validate(cfg: Config) -> None:
                           f"(every process must run the same passes through the sharded base)")
     if me.algorithm == "reptile" and me.num_inner_steps == 0:
         raise ConfigError("meta.num_inner_steps: reptile needs at least one inner step")
+    for key, on in (("meta.inner_lr_mode", me.inner_lr_mode != "fixed"),
+                    ("meta.multi_step_loss", me.multi_step_loss)):
+        if not on:
+            continue
+        if me.algorithm not in ("fomaml", "maml"):
+            raise ConfigError(f"{key}: learned inner rates and the multi-step loss have a "
+                              f"meta-gradient under fomaml and maml, not {me.algorithm}")
+        if me.num_inner_steps == 0:
+            raise ConfigError(f"{key}: needs meta.num_inner_steps >= 1 (no inner step, nothing "
+                              f"to learn or weigh)")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -7,7 +7,8 @@ The frozen base and the adapter bank are rebuilt from the checkpoint's config (s
 config and seed: the same tiny random base; or ``model.path``). Contenders, each an initial
 adapter theta:
 
-    meta        the checkpoint's theta
+    meta        the checkpoint's theta (adapting at its learned inner rates when it was trained
+                with ``meta.inner_lr_mode`` other than fixed; the others adapt at inner_lr)
     lora-init   PEFT's standard LoRA init (``lora_A`` Kaiming-uniform from a fixed generator,
                 ``lora_B`` = 0: at n = 0 it predicts exactly what the base does)
     NAME        every ``--baseline NAME=PATH`` (a run dir, a checkpoint or a PEFT adapter dir)
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -41,9 +43,9 @@ import torch
 
 from .adapt import build_eval_tasks, split_example, stop_token_ids
 from .cli import UserError, check_output_dir, command
-from .few_shot import (METRICS, Contender, EvalSettings, compare, evaluate_contender,
-                       format_table, load_baseline, load_eval_tasks, load_setup,
-                       lora_init_theta, plot_results, summarize, clean_json)
+from .few_shot import (EVAL_TASK_SPEC, METRICS, Contender, EvalSettings, clean_json, compare,
+                       evaluate_contender, format_table, load_baseline, load_eval_tasks,
+                       load_setup, lora_init_theta, plot_results, summarize)
 from .meta.common import InnerConfig
 
 
@@ -52,6 +54,13 @@ def check_args(args) -> list[tuple[str, str]]:
     ``--baseline`` entries, an output directory that cannot be created. Returns the baselines
     as (name, path)."""
     check_output_dir(args.output_dir, "--output-dir")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such run directory, checkpoint or "
+                        f"PEFT adapter directory")
+    if not re.fullmatch(EVAL_TASK_SPEC, args.eval_tasks) and not Path(args.eval_tasks).is_dir():
+        raise UserError(f"--eval-tasks {args.eval_tasks}: no such task directory; give "
+                        f"builtin-heldout, builtin-train, builtin:<suite>-heldout or a "
+                        f"directory written by python -m metakernels.prepare")
     if any(n < 0 for n in args.n_shots):
         raise UserError(f"--n-shots must be >= 0, got {sorted(set(args.n_shots))}")
     for flag, value in (("--seeds", args.seeds), ("--n-query", args.n_query)):
@@ -74,6 +83,9 @@ def check_args(args) -> list[tuple[str, str]]:
             raise UserError(f"--baseline {item!r}: expected NAME=PATH")
         if name in taken:
             raise UserError(f"--baseline: the name {name!r} is taken")
+        if not Path(path).exists():
+            raise UserError(f"--baseline {item}: no such run directory, checkpoint or PEFT "
+                            f"adapter directory")
         taken.add(name)
         baselines.append((name, path))
     return baselines
@@ -93,7 +105,11 @@ def run(args) -> dict:
         max_grad_norm=(args.inner_max_grad_norm if args.inner_max_grad_norm is not None
                        else me.inner_max_grad_norm))
     n_shots = sorted(set(args.n_shots))
-    contenders = [Contender("meta", setup.theta, setup.source),
+    if (setup.rates is not None and setup.rates.mode == "per_layer_step"
+            and setup.rates.num_steps != inner.num_steps):
+        raise UserError(f"--inner-steps {inner.num_steps}: the checkpoint learned one rate per "
+                        f"module for each of {setup.rates.num_steps} inner steps")
+    contenders = [Contender("meta", setup.theta, setup.source, setup.rates),
                   Contender("lora-init", lora_init_theta(bank, args.init_seed).to(bank.device),
                             f"PEFT init, generator seed {args.init_seed}")]
     for name, path in baselines:
@@ -113,7 +129,8 @@ def run(args) -> dict:
         log(f"evaluating {[c.name for c in contenders]} on {len(tasks)} tasks "
             f"({args.eval_tasks}), n-shots {n_shots}, {args.seeds} seeds, {args.n_query} "
             f"query examples per task; inner loop: {inner.num_steps} x {inner.optimizer} "
-            f"lr {inner.lr}")
+            f"lr {inner.lr}" + (f" (meta: its learned {setup.rates.mode} rates)"
+                                if setup.rates is not None else ""))
     names = [t.name for t in tasks]
     results = {
         "checkpoint": setup.source,
@@ -123,7 +140,9 @@ def run(args) -> dict:
                      "init_seed": args.init_seed, "max_new_tokens": max_new,
                      "inner": {"lr": inner.lr, "num_steps": inner.num_steps,
                                "optimizer": inner.optimizer,
-                               "max_grad_norm": inner.max_grad_norm},
+                               "max_grad_norm": inner.max_grad_norm,
+                               "meta_inner_lr_mode": (setup.rates.mode if setup.rates
+                                                      is not None else "fixed")},
                      "std": "sample std (ddof=1) over seeds",
                      "model": cfg.to_dict()["model"], "trainer_seed": cfg.trainer.seed},
         "contenders": {},

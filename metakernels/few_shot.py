@@ -20,12 +20,16 @@ from .adapt import (EvalTask, adapt_rows, decode_response, exact_match, greedy_g
 from .bank import AdapterBank, check_adapter_meta
 from .batch import pack_tasks
 from .build import build_bank, build_model, build_tokenizer, set_kernel_choices
+from .cli import check_device
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, config_from_dict, load_config
 from .errors import UserError
 from .meta.common import InnerConfig
+from .meta.inner_lr import InnerRates
 from .peft_adapter import is_peft_dir, peft_theta, read_peft_config
 
+# --eval-tasks: a split of a built-in suite (else a task directory)
+EVAL_TASK_SPEC = r"builtin(?::(\w+))?-(heldout|train)"
 METRICS = ("loss", "token_accuracy", "exact_match")
 METRIC_LABELS = {"loss": "query loss", "token_accuracy": "token accuracy",
                  "exact_match": "exact match"}
@@ -47,6 +51,7 @@ class Contender:
     name: str
     theta: torch.Tensor | None
     source: str
+    rates: InnerRates | None = None      # learned inner rates (the meta contender's only)
 
     @property
     def zero_shot_only(self) -> bool:
@@ -64,9 +69,11 @@ class Setup:
     theta: torch.Tensor                  # the checkpoint's theta
     meta: dict = field(default_factory=dict)
     source: str = ""
+    rates: InnerRates | None = None      # the checkpoint's learned inner rates, if any
 
 
 def _build_base(cfg: Config):
+    check_device(cfg.trainer.device, cfg.trainer.backend)
     set_kernel_choices(cfg)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer))
@@ -108,7 +115,26 @@ def load_setup(checkpoint: str | os.PathLike, config: str | None = None,
     if theta.shape != bank.theta.shape:
         raise UserError(f"{ckpt}: theta has {theta.numel()} values, the rebuilt bank "
                          f"{bank.num_params}")
-    return Setup(cfg, tokenizer, model, bank, theta.to(bank.device), meta, str(ckpt))
+    return Setup(cfg, tokenizer, model, bank, theta.to(bank.device), meta, str(ckpt),
+                 checkpoint_rates(tensors, meta, bank, ckpt))
+
+
+def checkpoint_rates(tensors: dict, meta: dict, bank: AdapterBank, where) -> InnerRates | None:
+    """The learned inner rates a checkpoint carries (``meta.inner_lr_mode`` other than fixed),
+    or None."""
+    mode = meta.get("inner_lr_mode", "fixed")
+    if mode == "fixed":
+        return None
+    values = tensors.get("inner_lr")
+    if values is None:
+        raise UserError(f"{where}: trained with meta.inner_lr_mode={mode} but holds no inner_lr")
+    rates = InnerRates(mode, bank, values.shape[0] if mode == "per_layer_step" else 1, 0.0)
+    if values.shape != rates.values.shape:
+        raise UserError(f"{where}: inner_lr has shape {tuple(values.shape)}, the rebuilt bank "
+                        f"expects {tuple(rates.values.shape)}")
+    with torch.no_grad():
+        rates.values.copy_(values)
+    return rates
 
 
 def load_baseline(name: str, path: str | os.PathLike, setup: Setup) -> Contender:
@@ -166,7 +192,7 @@ def load_eval_tasks(spec: str, cfg: Config, tokenizer, names: Sequence[str] | No
     from .data.loader import load_task_dir
     from .data.tasks import DEFAULT_SUITE, builtin_tasks
 
-    m = re.fullmatch(r"builtin(?::(\w+))?-(heldout|train)", spec)
+    m = re.fullmatch(EVAL_TASK_SPEC, spec)
     if m:
         suite = m.group(1)
         if suite is None:
@@ -223,7 +249,7 @@ def evaluate_contender(setup: Setup, contender: Contender, tasks: list[EvalTask]
         else:
             weights, ok = adapt_rows(model, bank, contender.theta,
                                      [tasks[i].support[s][:n] for i, s in part],
-                                     settings.inner, pad_id)
+                                     settings.inner, pad_id, contender.rates)
             for (i, s), a in zip(part, ok.tolist()):
                 alive[i, s] = a
         query = pack_tasks([tasks[i].query for i, _ in part], pad_id).to(bank.device)

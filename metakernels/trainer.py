@@ -24,11 +24,14 @@ from .config import Config, ConfigError, dump_config
 from .errors import UserError
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
 from .meta.chunked import chunked_step
+from .meta.inner_lr import InnerRates, msl_weights
 from .peft_adapter import peft_theta
+from .run_dir import clear_run, new_run_id
 
 
 class NonFiniteError(RuntimeError):
-    """Too many meta-steps in a row had a non-finite meta-gradient."""
+    """The run cannot go on: theta went non-finite, or too many meta-steps in a row had a
+    non-finite (or an exactly zero) meta-gradient."""
 
 
 
@@ -157,14 +160,23 @@ class Trainer:
             mem = dist.shard_base(self.model, cfg, self.world_size)
             if self.is_main:
                 print(dist.describe_sharding(mem, self.world_size), flush=True)
-        self.optimizer = torch.optim.AdamW([self.bank.theta], lr=cfg.meta.outer_lr,
-                                           weight_decay=cfg.meta.weight_decay)
+        me = cfg.meta
+        # learned inner rates: meta-parameters beside theta, in the same outer AdamW, without
+        # weight decay (it would pull every rate towards 0, i.e. no adaptation)
+        self.rates = (InnerRates(me.inner_lr_mode, self.bank, me.num_inner_steps, me.inner_lr)
+                      if me.inner_lr_mode != "fixed" else None)
+        groups = [{"params": [self.bank.theta]}]
+        if self.rates is not None:
+            groups.append({"params": [self.rates.values], "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=me.outer_lr, weight_decay=me.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.inner = InnerConfig(lr=cfg.meta.inner_lr, num_steps=cfg.meta.num_inner_steps,
                                  optimizer=cfg.meta.inner_optimizer,
                                  max_grad_norm=cfg.meta.inner_max_grad_norm)
         self.step = 0
+        self.run_id = new_run_id()
         self.nonfinite_in_a_row = 0
+        self.zero_grad_in_a_row = 0
         self.history: list[dict] = []
         self.val_tasks = self._build_validation()
 
@@ -204,7 +216,8 @@ class Trainer:
         try:
             theta = self.bank.theta.detach()
             fast, alive = adapt_rows(self.model, self.bank, theta,
-                                     [t.support[s] for t, s in rows], self.inner, pad_id)
+                                     [t.support[s] for t, s in rows], self.inner, pad_id,
+                                     self.rates)
             device = self.cfg.trainer.device
             query = pack_tasks([t.query for t, _ in rows], pad_id).to(device)
             losses, accs = query_metrics(self.model, self.bank, fast, query)
@@ -221,13 +234,21 @@ class Trainer:
                 "val/diverged": int((~ok).sum())}
 
     # -- one meta-step ----------------------------------------------------------------------
+    def msl(self) -> list[float] | None:
+        """This step's multi-step loss weights, or None without ``meta.multi_step_loss``."""
+        me = self.cfg.meta
+        if not me.multi_step_loss:
+            return None
+        return msl_weights(me.num_inner_steps, self.step, me.multi_step_loss_steps)
+
     def _local_step(self, support, query):
         algo = self.cfg.meta.algorithm
+        learned = {"rates": self.rates, "msl": self.msl()} if algo in ("fomaml", "maml") else {}
         if algo in ("fomaml", "reptile"):
             return chunked_step(algo, self.model, self.bank, support, query, self.inner,
-                                self.cfg.meta.task_chunk)
+                                self.cfg.meta.task_chunk, **learned)
         if algo == "maml":
-            return maml_step(self.model, self.bank, support, query, self.inner)
+            return maml_step(self.model, self.bank, support, query, self.inner, **learned)
         if algo == "multitask":
             return multitask_step(self.model, self.bank, support, query)
         return naive_step(self.peft_model, self.peft_io, self.bank.theta.detach(), support,
@@ -257,14 +278,26 @@ class Trainer:
                 raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} meta-steps in a row had a non-finite "
                     f"meta-gradient (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}"
-                    f"); stopping. The last good checkpoint is in {self.run_dir / 'checkpoints'}")
+                    f"); stopping. {self._kept_checkpoint()}")
         else:
             self.nonfinite_in_a_row = 0
-            if cfg.meta.max_grad_norm > 0:
+            self._check_alive(grad_norm, red)
+            if cfg.meta.max_grad_norm > 0:  # over theta and the learned rates together
                 meta_grad = meta_grad * min(1.0, cfg.meta.max_grad_norm / (grad_norm + 1e-6))
-            self.bank.theta.grad = meta_grad.to(self.bank.theta.dtype)
+            P = self.bank.num_params
+            self.bank.theta.grad = meta_grad[:P].to(self.bank.theta.dtype)
+            if self.rates is not None:
+                self.rates.values.grad = meta_grad[P:].view_as(self.rates.values).to(
+                    self.rates.values.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if not bool(torch.isfinite(self.bank.theta).all()):
+                # every process holds the same theta (the same reduced gradient), so every
+                # process stops here; nothing after the last finite checkpoint is saved
+                raise NonFiniteError(
+                    f"step {self.step}: theta became non-finite after the outer step "
+                    f"(meta.outer_lr={cfg.meta.outer_lr}, meta-gradient norm {grad_norm:.3g}); "
+                    f"stopping. {self._kept_checkpoint()}")
         self.scheduler.step()
         names = self.sampler.tasks_for_step(self.step)
         if not skipped and red.num_kept < len(names):
@@ -289,25 +322,71 @@ class Trainer:
                    "peak_memory_mb": peak_rss_mb()}
         for n, v in zip(names, red.support_losses_last.tolist()):
             metrics[f"stage1/{n}/loss"] = v
+        if self.rates is not None:
+            metrics.update(self.rates.metrics())
         self.step += 1
         return metrics
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _meta_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The outer optimizer's parameters by checkpoint name (``outer/`` is theta's state,
+        ``outer_inner_lr/`` the learned rates')."""
+        out = {"outer": self.bank.theta}
+        if self.rates is not None:
+            out["outer_inner_lr"] = self.rates.values
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t = {"theta": self.bank.theta.detach(), "rng/torch": torch.get_rng_state()}
-        st = self.optimizer.state.get(self.bank.theta, {})
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            if k in st:
-                t[f"outer/{k}"] = torch.as_tensor(st[k]).reshape(-1) if k == "step" else st[k]
+        if self.rates is not None:
+            t["inner_lr"] = self.rates.values.detach()
+        for prefix, param in self._meta_parameters().items():
+            st = self.optimizer.state.get(param, {})
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                if k in st:
+                    t[f"{prefix}/{k}"] = (torch.as_tensor(st[k]).reshape(-1) if k == "step"
+                                          else st[k])
         return t
+
+    def _check_alive(self, grad_norm: float, red) -> None:
+        """A meta-gradient of exactly zero means the adapted models no longer depend on theta
+        (an inner step so large that every task's fast weights saturate, so that each predicts
+        every token alike): the run would go on without learning. A warning at each such
+        step; after ``trainer.max_nonfinite_steps`` more in a row, the run stops."""
+        if grad_norm != 0.0:
+            self.zero_grad_in_a_row = 0
+            return
+        self.zero_grad_in_a_row += 1
+        limit = self.cfg.trainer.max_nonfinite_steps
+        q = float(red.query_losses[red.kept].mean())
+        uniform = math.log(len(self.tokenizer))
+        msg = (f"step {self.step}: the meta-gradient is exactly 0 ({self.zero_grad_in_a_row} "
+               f"step(s) in a row); query loss {q:.4f} (a uniform prediction over the "
+               f"vocabulary: {uniform:.4f}): the adapted models ignore theta, the inner loop has "
+               f"collapsed (meta.inner_lr={self.cfg.meta.inner_lr} too large?)")
+        if self.zero_grad_in_a_row > limit:
+            raise NonFiniteError(f"{msg}; stopping after trainer.max_nonfinite_steps={limit} "
+                                 f"more. {self._kept_checkpoint()}")
+        warnings.warn(msg)
+
+    def _kept_checkpoint(self) -> str:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "No checkpoint was written."
+        return f"The newest checkpoint, {ckpt}, is finite and kept."
 
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        meta = {"step": self.step, "config": self.cfg.to_dict(),
+        if not bool(torch.isfinite(self.bank.theta).all()):
+            raise NonFiniteError(f"step {self.step}: theta is non-finite; it is not saved. "
+                                 f"{self._kept_checkpoint()}")
+        meta = {"step": self.step, "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "python_rng": repr(random.getstate()), **adapter_meta(self.bank)}
+                "zero_grad_in_a_row": self.zero_grad_in_a_row,
+                "python_rng": repr(random.getstate()), **adapter_meta(self.bank),
+                "inner_lr_mode": self.cfg.meta.inner_lr_mode}
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
 
     def resume(self) -> bool:
@@ -320,20 +399,35 @@ class Trainer:
                             f"values, this run's adapters have {self.bank.num_params} (model or "
                             f"LoRA settings differ from the checkpoint's); use the checkpoint's "
                             f"settings, or another trainer.experiment_name for a new run")
+        saved_mode = meta.get("inner_lr_mode", "fixed")
+        if saved_mode != self.cfg.meta.inner_lr_mode or (
+                self.rates is not None and tensors["inner_lr"].shape != self.rates.values.shape):
+            raise UserError(f"trainer.resume=true: {ckpt} was trained with meta.inner_lr_mode="
+                            f"{saved_mode} (and its meta.num_inner_steps), this run has "
+                            f"{self.cfg.meta.inner_lr_mode}; use the checkpoint's settings, or "
+                            f"another trainer.experiment_name for a new run")
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
-        if "outer/exp_avg" in tensors:
-            self.optimizer.state[self.bank.theta] = {
-                "exp_avg": tensors["outer/exp_avg"].clone(),
-                "exp_avg_sq": tensors["outer/exp_avg_sq"].clone(),
-                "step": tensors["outer/step"].reshape(()).clone()}
+            if self.rates is not None:
+                self.rates.values.copy_(tensors["inner_lr"])
+        for prefix, param in self._meta_parameters().items():
+            if f"{prefix}/exp_avg" in tensors:
+                # the checkpoint is read to the host; the moments go where their parameter is
+                # (AdamW's step count stays on the host, where it keeps it)
+                dev = param.device
+                self.optimizer.state[param] = {
+                    "exp_avg": tensors[f"{prefix}/exp_avg"].to(dev, copy=True),
+                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].to(dev, copy=True),
+                    "step": tensors[f"{prefix}/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # load_state_dict restores the schedule, not the optimizer's lr
         self.sampler.load_state_dict(meta["sampler"])
         torch.set_rng_state(tensors["rng/torch"])
         self.step = int(meta["step"])
+        self.run_id = meta.get("run_id", self.run_id)
         self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        self.zero_grad_in_a_row = int(meta.get("zero_grad_in_a_row", 0))
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -349,6 +443,8 @@ class Trainer:
         cfg = self.cfg
         resumed = cfg.trainer.resume and self.resume()
         if self.is_main:
+            if not resumed and cfg.trainer.overwrite:
+                clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         loggers = Loggers(cfg, self.run_dir, self.is_main, self.step if resumed else 0)

@@ -75,11 +75,13 @@ TORCH_LIBRARY(metakernels, m) {
       "bool onednn=False, bool per_task=True) -> Tensor");
   m.def(
       "fused_sgd_(Tensor(a!) fast, Tensor grad, Tensor lr, float max_grad_norm, "
-      "float weight_decay) -> (Tensor, Tensor)");
+      "float weight_decay, Tensor? rates=None, Tensor? rate_offsets=None, "
+      "Tensor(b!)? direction=None) -> (Tensor, Tensor)");
   m.def(
       "fused_adam_(Tensor(a!) fast, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!) step, Tensor lr, float max_grad_norm, float beta1, float beta2, float eps, "
-      "float weight_decay) -> (Tensor, Tensor)");
+      "float weight_decay, Tensor? rates=None, Tensor? rate_offsets=None, "
+      "Tensor(e!)? direction=None) -> (Tensor, Tensor)");
   m.def("meta_reduce(Tensor x, Tensor weights, Tensor theta, int kind) -> Tensor");
   m.def(
       "segment_cross_entropy_fwd(Tensor h, Tensor W, Tensor labels, Tensor offsets, "

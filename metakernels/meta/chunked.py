@@ -11,21 +11,23 @@ from .common import StepResult
 from .fomaml import fomaml_step, reptile_step
 
 
-def chunked_step(algorithm: str, model, bank, support, query, cfg, chunk: int) -> StepResult:
+def chunked_step(algorithm: str, model, bank, support, query, cfg, chunk: int,
+                 **kw) -> StepResult:
     """``fomaml_step`` or ``reptile_step`` over the tasks in chunks of ``chunk``; ``chunk`` 0 or
-    at least T is one pass over all tasks (the plain step)."""
+    at least T is one pass over all tasks (the plain step). ``kw`` goes to the step (fomaml's
+    learned ``rates`` and ``msl``)."""
     T = support.num_tasks
     step = fomaml_step if algorithm == "fomaml" else reptile_step
     if not 0 < chunk < T:
-        return step(model, bank, support, query, cfg)
-    total = torch.zeros_like(bank.theta.detach())
+        return step(model, bank, support, query, cfg, **kw)
+    total = None
     kept = 0
     hists, qls, ws, drops = [], [], [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        r = step(model, bank, support.select(t0, t1), query.select(t0, t1), cfg)
+        r = step(model, bank, support.select(t0, t1), query.select(t0, t1), cfg, **kw)
         n = int((r.task_weights > 0).sum())
-        total += r.meta_grad * n
+        total = r.meta_grad * n if total is None else total + r.meta_grad * n
         kept += n
         hists.append(r.support_losses)
         qls.append(r.query_losses)

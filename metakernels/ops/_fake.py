@@ -34,13 +34,14 @@ def _task_stats(fast):
 
 
 @torch.library.register_fake("metakernels::fused_sgd_")
-def _fused_sgd_(fast, grad, lr, max_grad_norm, weight_decay):
+def _fused_sgd_(fast, grad, lr, max_grad_norm, weight_decay, rates=None, rate_offsets=None,
+                direction=None):
     return _task_stats(fast)
 
 
 @torch.library.register_fake("metakernels::fused_adam_")
 def _fused_adam_(fast, grad, exp_avg, exp_avg_sq, step, lr, max_grad_norm, beta1, beta2, eps,
-                 weight_decay):
+                 weight_decay, rates=None, rate_offsets=None, direction=None):
     return _task_stats(fast)
 
 

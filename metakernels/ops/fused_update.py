@@ -6,14 +6,25 @@ Semantics (PyTorch pseudo-code, for every task t; ``g = grad[t]``)::
     finite[t] = isfinite(norm[t])            # a NaN or Inf anywhere in g makes it False
     if not finite[t]: continue               # fast[t] and its optimizer state stay unchanged
     if max_grad_norm > 0: g = g * min(1, max_grad_norm / (norm[t] + 1e-6))
-    sgd:   g = g + weight_decay * fast[t];  fast[t] -= lr[t] * g
+    rate = lr[t]                             # no rates: one rate for the whole row
+    rate = lr[t] * rates[seg(j)]             # rates [S], rate_offsets [S+1]: element j of
+                                             #   segment s = seg(j), rate_offsets[s] <= j <
+                                             #   rate_offsets[s+1] (the bank's slots)
+    rate = lr[t] * rates[j]                  # rates [P], no rate_offsets: one per element
+    sgd:   d = g + weight_decay * fast[t];  fast[t] -= rate * d
     adam:  step[t] += 1
-           fast[t] *= 1 - lr[t] * weight_decay                   # decoupled (AdamW)
            m[t] = beta1 m[t] + (1 - beta1) g;  v[t] = beta2 v[t] + (1 - beta2) g^2
-           fast[t] -= lr[t] / (1 - beta1^step) * m[t] / (sqrt(v[t] / (1 - beta2^step)) + eps)
+           d = weight_decay * fast[t] + m[t] / (bc1 * (sqrt(v[t] / bc2) + eps))
+           fast[t] -= rate * d           # as fast[t] * (1 - rate wd) - rate / bc1 * m / (..)
+                                         # bc1 = 1 - beta1^step, bc2 = 1 - beta2^step
+    direction[t] += d                        # when given (the first-order gradient of learned
+                                             #   rates needs each step's direction)
 
 This is what ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.SGD`` / ``Adam(W)``
-does to one task's parameters; the per-task loop over a PEFT model is tested against it.
+does to one task's parameters (with a learning rate per element when ``rates`` is given); the
+per-task loop over a PEFT model is tested against it. A rate is never materialised as [T, P]:
+the kernels look up the segment of each element in ``rate_offsets`` (a few entries, one per
+adapted module of the bank), so learned per-layer rates cost no extra pass over memory.
 """
 from __future__ import annotations
 
@@ -55,19 +66,34 @@ def _clip_coef(norms, finite, max_grad_norm):
     return torch.where(finite, coef, torch.zeros_like(coef))
 
 
+def element_rates(rates: torch.Tensor, rate_offsets: torch.Tensor | None,
+                  num_params: int) -> torch.Tensor:
+    """[P]: the rate factor of every element (``rates[seg(j)]``, or ``rates`` itself when there
+    are no segments). Differentiable in ``rates``; the reference's and second-order MAML's."""
+    if rate_offsets is None:
+        return rates
+    sizes = (rate_offsets[1:] - rate_offsets[:-1]).long()
+    return torch.repeat_interleave(rates, sizes, output_size=num_params)
+
+
 def fused_update_ref(fast, grad, lr, *, optimizer="sgd", state: AdamState | None = None,
-                     max_grad_norm=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """Plain-PyTorch reference, vectorised over tasks; updates ``fast`` (and state) in place."""
+                     max_grad_norm=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                     rates=None, rate_offsets=None, direction=None):
+    """Plain-PyTorch reference, vectorised over tasks; updates ``fast`` (and state, and
+    ``direction``) in place."""
     norms = torch.linalg.vector_norm(grad.float(), dim=1)
     finite = torch.isfinite(norms)
     coef = _clip_coef(norms, finite, max_grad_norm)
     keep = finite[:, None]
     g = torch.where(keep, grad * coef[:, None].to(grad.dtype), torch.zeros_like(grad))
     lr_col = lr[:, None].to(fast.dtype)
+    if rates is not None:
+        lr_col = lr_col * element_rates(rates, rate_offsets, fast.shape[1]).to(fast.dtype)[None]
     if optimizer == "sgd":
         if weight_decay:
             g = g + weight_decay * fast
         new = fast - lr_col * g
+        d = g
     else:
         b1, b2 = betas
         step = state.step + finite.to(state.step.dtype)
@@ -80,43 +106,62 @@ def fused_update_ref(fast, grad, lr, *, optimizer="sgd", state: AdamState | None
         new = fast * (1 - lr_col * weight_decay) if weight_decay else fast
         denom = (v.sqrt() / bc2_sqrt) + eps
         new = new - step_size * m / denom
+        bc1 = (1 - b1 ** safe_step).to(fast.dtype)
+        d = m / (bc1 * denom)
+        if weight_decay:
+            d = weight_decay * fast + d
         state.exp_avg.copy_(m)
         state.exp_avg_sq.copy_(v)
         state.step.copy_(step)
+    if direction is not None:
+        direction.copy_(torch.where(keep, direction + d, direction))
     fast.copy_(torch.where(keep, new, fast))
     return norms, finite
 
 
-def _cpu_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay):
+def _cpu_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay,
+                rates, rate_offsets, direction):
     ops = torch.ops.metakernels
     if optimizer == "sgd":
-        return ops.fused_sgd_(fast, grad, lr, float(max_grad_norm), float(weight_decay))
+        return ops.fused_sgd_(fast, grad, lr, float(max_grad_norm), float(weight_decay), rates,
+                              rate_offsets, direction)
     return ops.fused_adam_(fast, grad, state.exp_avg, state.exp_avg_sq, state.step, lr,
                            float(max_grad_norm), float(betas[0]), float(betas[1]), float(eps),
-                           float(weight_decay))
+                           float(weight_decay), rates, rate_offsets, direction)
 
 
 def fused_update(fast: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor | float, *,
                  optimizer: str = "sgd", state: AdamState | None = None,
                  max_grad_norm: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight_decay: float = 0.0, rates: torch.Tensor | None = None,
+                 rate_offsets: torch.Tensor | None = None,
+                 direction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Updates every task's fast weights in one pass.
 
     Semantics: see the module docstring.
 
     Args:
-        fast: [T, P] fp32, updated in place. grad: [T, P] fp32 (read only).
+        fast: [T, P] fp32 (or float64 on the torch backend), updated in place.
+        grad: [T, P] of fast's dtype (read only).
         lr: [T] per-task learning rates, or a float for all tasks.
         optimizer: ``"sgd"`` or ``"adam"`` (AdamW when ``weight_decay`` > 0).
         state: ``AdamState`` for ``"adam"``, updated in place.
         max_grad_norm: per-task clipping threshold; 0 disables clipping.
+        rates: None, [S] fp32 with ``rate_offsets`` (int32 [S+1], 0 to P, non-decreasing: the
+            segments of P, e.g. ``AdapterBank.slot_offsets``), or [P] fp32 without; element j of
+            task t then steps at ``lr[t] * rates[seg(j)]`` or ``lr[t] * rates[j]``.
+        direction: None or [T, P] fp32, contiguous: each finite task's update direction ``d``
+            (the step is ``-rate * d``) is added to it in place.
     Returns:
         (norms [T] fp32: each task's gradient norm before clipping,
          finite [T] bool: False where the task was skipped for a non-finite gradient).
     """
-    check_tensor(_OP, "fast", fast, ndim=2, dtypes=(torch.float32,))
+    name = _backend.resolve(fast.device)
+    # float64 banks only on the reference, for the precision checks of the algorithms
+    check_tensor(_OP, "fast", fast, ndim=2,
+                 dtypes=(torch.float32, torch.float64) if name == "torch" else (torch.float32,))
     T, P = fast.shape
-    check_tensor(_OP, "grad", grad, dtypes=(torch.float32,), shape=(T, P), device=fast.device)
+    check_tensor(_OP, "grad", grad, dtypes=(fast.dtype,), shape=(T, P), device=fast.device)
     if not isinstance(lr, torch.Tensor):
         lr = torch.full((T,), float(lr), dtype=torch.float32, device=fast.device)
     check_tensor(_OP, "lr", lr, dtypes=(torch.float32,), shape=(T,), device=fast.device)
@@ -135,7 +180,35 @@ def fused_update(fast: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor | floa
         raise ValueError(f"{_OP}: max_grad_norm must be >= 0, got {max_grad_norm}")
     if not fast.is_contiguous() or not grad.is_contiguous():
         raise ValueError(f"{_OP}: fast and grad must be contiguous [T, P] buffers")
+    _check_rates(rates, rate_offsets, P, fast)
+    if direction is not None:
+        check_tensor(_OP, "direction", direction, dtypes=(fast.dtype,), shape=(T, P),
+                     device=fast.device)
+        if not direction.is_contiguous():
+            raise ValueError(f"{_OP}: direction must be a contiguous [T, P] buffer")
     with torch.no_grad(), record(_OP, "forward"):
-        return _backend.kernel(_OP, _backend.resolve(fast.device))(
+        return _backend.kernel(_OP, name)(
             fast, grad, lr, optimizer=optimizer, state=state, max_grad_norm=max_grad_norm,
-            betas=betas, eps=eps, weight_decay=weight_decay)
+            betas=betas, eps=eps, weight_decay=weight_decay, rates=rates,
+            rate_offsets=rate_offsets, direction=direction)
+
+
+def _check_rates(rates, rate_offsets, P, fast) -> None:
+    device = fast.device
+    if rates is None:
+        if rate_offsets is not None:
+            raise ValueError(f"{_OP}: rate_offsets given without rates")
+        return
+    if rate_offsets is None:
+        check_tensor(_OP, "rates", rates, dtypes=(fast.dtype,), shape=(P,), device=device)
+        return
+    check_tensor(_OP, "rates", rates, ndim=1, dtypes=(fast.dtype,), device=device)
+    S = rates.shape[0]
+    check_tensor(_OP, "rate_offsets", rate_offsets, dtypes=(torch.int32,), shape=(S + 1,),
+                 device=device)
+    if rate_offsets.device.type != "cpu":
+        return  # reading the values would wait for the device; the bank builds them once
+    off = rate_offsets.tolist()
+    if S < 1 or off[0] != 0 or off[-1] != P or any(b < a for a, b in zip(off, off[1:])):
+        raise ValueError(f"{_OP}: rate_offsets must run from 0 to P = {P}, non-decreasing, "
+                         f"with one more entry than rates ({S}), got {off}")

@@ -46,7 +46,10 @@ def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor | None = None,
     """
     if kind not in KINDS:
         raise ValueError(f"{_OP}: kind must be one of {KINDS}, got {kind!r}")
-    check_tensor(_OP, "x", x, ndim=2, dtypes=(torch.float32,))
+    name = _backend.resolve(x.device)
+    # float64 only on the reference, for the precision checks of the algorithms
+    check_tensor(_OP, "x", x, ndim=2,
+                 dtypes=(torch.float32, torch.float64) if name == "torch" else (torch.float32,))
     T, P = x.shape
     if weights is None:
         weights = torch.full((T,), 1.0 / T, dtype=torch.float32, device=x.device)
@@ -54,8 +57,7 @@ def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor | None = None,
     if kind == "reptile":
         if theta is None:
             raise ValueError(f"{_OP}: kind='reptile' needs theta [P]")
-        check_tensor(_OP, "theta", theta, dtypes=(torch.float32,), shape=(P,), device=x.device)
-    name = _backend.resolve(x.device)
+        check_tensor(_OP, "theta", theta, dtypes=(x.dtype,), shape=(P,), device=x.device)
     with record(_OP, "forward"):
         if name == "torch" or torch.is_grad_enabled() and (x.requires_grad or (
                 theta is not None and theta.requires_grad)):

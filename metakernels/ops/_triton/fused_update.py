@@ -6,15 +6,20 @@ Semantics (PyTorch pseudo-code, for every task t; ``g = grad[t]``)::
     if not finite[t]: continue                   # fast[t] and its Adam state are not written
     coef = min(1, max_grad_norm / (norm[t] + 1e-6)) if max_grad_norm > 0 else 1
     g = coef * g
-    sgd:   g = g + weight_decay * fast[t];  fast[t] -= lr[t] * g
+    rate = lr[t]  or  lr[t] * rates[seg(j)]  or  lr[t] * rates[j]     (per element j)
+    sgd:   d = g + weight_decay * fast[t];  fast[t] -= rate * d
     adam:  step[t] += 1
-           fast[t] *= 1 - lr[t] * weight_decay
+           fast[t] *= 1 - rate * weight_decay
            m[t] = beta1 m[t] + (1 - beta1) g;  v[t] = beta2 v[t] + (1 - beta2) g^2
-           fast[t] -= lr[t] / (1 - beta1^step) * m[t] / (sqrt(v[t]) / sqrt(1 - beta2^step) + eps)
+           fast[t] -= rate / (1 - beta1^step) * m[t] / (sqrt(v[t]) / sqrt(1 - beta2^step) + eps)
+           d = weight_decay * fast_old + m[t] / ((1 - beta1^step) (sqrt(v[t]) / sqrt(..) + eps))
+                                                  # bias corrections in fp64, then fp32
+    direction[t] += d                               (when a direction buffer is given)
 
 Three launches, deterministic (no atomics): per-(task, block) sums of squares, per-task norm /
 finiteness / clip coefficient, then one elementwise pass that reads and writes every element
-once. There are no gradients: the update runs under ``torch.no_grad``.
+once. A per-segment rate is found by a binary search of each column in ``rate_offsets`` (S + 1
+int32 entries, a few hundred bytes that stay in cache), so no [T, P] or [P] rate is read. There are no gradients: the update runs under ``torch.no_grad``.
 ``fused_update`` has exactly the semantics of ``fused_update_ref`` in
 ``metakernels/ops/fused_update.py``.
 """
@@ -24,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LaunchConfig
+from . import LaunchConfig, launcher
 
 _BLOCK_P = 1024
 _NORM_BLOCK = 1024  # per-block partial sums reduced per task, in steps of this many
@@ -83,28 +88,63 @@ def _load_task_block(fast_ptr, grad_ptr, coef_ptr, P, stride_ft, stride_fp, stri
 
 
 @triton.jit
-def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, P, weight_decay,
-                stride_ft, stride_fp, stride_gt, stride_gp,
-                WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    """``fast[t] -= lr[t] * (coef[t] * grad[t] + weight_decay * fast[t])`` where finite[t].
-    Grid: (cdiv(P, BLOCK), T)."""
+def _element_rate(lr_ptr, t, cols, mask, rate_ptr, roff_ptr, S, n_search, RATES: tl.constexpr):
+    """The rate of the block's elements: ``lr[t]`` (RATES 0), ``lr[t] * rates[s]`` for the
+    segment s with ``roff[s] <= col < roff[s+1]`` (RATES 1; ``n_search = ceil(log2(S))``
+    halvings of [0, S) find it; empty segments are never chosen), ``lr[t] * rates[col]``
+    (RATES 2)."""
+    lr = tl.load(lr_ptr + t)
+    if RATES == 1:
+        lo = tl.zeros_like(cols)
+        hi = tl.zeros_like(cols) + S
+        for _ in range(0, n_search):  # invariant: roff[lo] <= col < roff[hi]
+            mid = (lo + hi) // 2
+            go = tl.load(roff_ptr + mid) <= cols
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        return lr * tl.load(rate_ptr + lo)
+    elif RATES == 2:
+        return lr * tl.load(rate_ptr + cols, mask=mask, other=0.0)
+    else:
+        return lr
+
+
+@triton.jit
+def _add_direction(dir_ptr, t64, cols, mask, d, stride_dt, stride_dp):
+    d_ptrs = dir_ptr + t64 * stride_dt + cols * stride_dp
+    tl.store(d_ptrs, tl.load(d_ptrs, mask=mask, other=0.0) + d, mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, rate_ptr, roff_ptr, dir_ptr,
+                P, S, n_search, weight_decay,
+                stride_ft, stride_fp, stride_gt, stride_gp, stride_dt, stride_dp,
+                WEIGHT_DECAY: tl.constexpr, RATES: tl.constexpr, DIRECTION: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """``d = coef[t] * grad[t] + weight_decay * fast[t]; fast[t] -= rate * d`` (and
+    ``direction[t] += d``) where finite[t]. Grid: (cdiv(P, BLOCK), T)."""
     if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
     t, t64, cols, mask, f_ptrs, w, g = _load_task_block(
         fast_ptr, grad_ptr, coef_ptr, P, stride_ft, stride_fp, stride_gt, stride_gp, BLOCK)
     if WEIGHT_DECAY:
         g = g + weight_decay * w
-    tl.store(f_ptrs, w - tl.load(lr_ptr + t) * g, mask=mask)
+    if DIRECTION:
+        _add_direction(dir_ptr, t64, cols, mask, g, stride_dt, stride_dp)
+    rate = _element_rate(lr_ptr, t, cols, mask, rate_ptr, roff_ptr, S, n_search, RATES)
+    tl.store(f_ptrs, w - rate * g, mask=mask)
 
 
 @triton.jit
-def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, finite_ptr,
-                 coef_ptr, P, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, sqrt_bc2_ptr, finite_ptr,
+                 coef_ptr, rate_ptr, roff_ptr, dir_ptr, P, S, n_search, beta1, beta2,
+                 one_minus_beta1, one_minus_beta2, eps, weight_decay,
                  stride_ft, stride_fp, stride_gt, stride_gp, stride_mt, stride_mp,
-                 stride_vt, stride_vp,
-                 WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step``,
-    ``bc2[t] = 1 - beta2^step`` at the new step (see the module docstring).
+                 stride_vt, stride_vp, stride_dt, stride_dp,
+                 WEIGHT_DECAY: tl.constexpr, RATES: tl.constexpr, DIRECTION: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step`` and
+    ``sqrt_bc2[t] = sqrt(1 - beta2^step)`` at the new step (see the module docstring).
     Grid: (cdiv(P, BLOCK), T)."""
     if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
@@ -114,10 +154,15 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
     v_ptrs = v_ptr + t64 * stride_vt + cols * stride_vp
     m = tl.load(m_ptrs, mask=mask, other=0.0) * beta1 + one_minus_beta1 * g
     v = tl.load(v_ptrs, mask=mask, other=0.0) * beta2 + one_minus_beta2 * g * g
-    lr = tl.load(lr_ptr + t)
+    lr = _element_rate(lr_ptr, t, cols, mask, rate_ptr, roff_ptr, S, n_search, RATES)
+    denom = tl.sqrt_rn(v) / tl.load(sqrt_bc2_ptr + t) + eps
+    if DIRECTION:
+        d = m / (tl.load(bc1_ptr + t) * denom)
+        if WEIGHT_DECAY:
+            d = weight_decay * w + d
+        _add_direction(dir_ptr, t64, cols, mask, d, stride_dt, stride_dp)
     if WEIGHT_DECAY:
         w = w * (1.0 - lr * weight_decay)
-    denom = tl.sqrt_rn(v) / tl.sqrt_rn(tl.load(bc2_ptr + t)) + eps
     w = w - (lr / tl.load(bc1_ptr + t)) * m / denom
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
@@ -126,19 +171,44 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
 
 def launch_configs():
     """Every (kernel, pointer dtypes, constexprs) ``fused_update`` can launch: all fp32 but the
-    int8 finiteness flags; the two flags of each kernel both ways."""
+    int8 finiteness flags and the int32 rate offsets; every flag of each kernel both ways and
+    the three kinds of rates. The [T, P] buffers are contiguous (the op checks), so their column
+    strides are 1."""
     flags = {"finite_ptr": "*i8"}
-    yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P))
+    bank = {"bank": ("stride_fp", "stride_gp")}
+    yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P),
+                       unit={"bank": ("stride_gp",)})
     for on in (False, True):
         yield LaunchConfig(f"task_norm-clip{int(on)}", _task_norm_kernel, flags,
                            dict(CLIP=on, BLOCK=_NORM_BLOCK))
-        yield LaunchConfig(f"sgd-wd{int(on)}", _sgd_kernel, flags,
-                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
-        yield LaunchConfig(f"adam-wd{int(on)}", _adam_kernel, flags,
-                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
+    step_flags = {**flags, "roff_ptr": "*i32"}
+    for wd in (False, True):
+        for rates in (0, 1, 2):
+            for direction in (False, True):
+                tag = f"wd{int(wd)}-rates{rates}-dir{int(direction)}"
+                consts = dict(WEIGHT_DECAY=wd, RATES=rates, DIRECTION=direction, BLOCK=_BLOCK_P)
+                # without a direction buffer the launch passes fast's strides in its place
+                sgd_unit = bank["bank"] + ("stride_dp",)
+                yield LaunchConfig(f"sgd-{tag}", _sgd_kernel, step_flags, consts,
+                                   unit={"bank": sgd_unit})
+                yield LaunchConfig(f"adam-{tag}", _adam_kernel, step_flags, consts,
+                                   unit={"bank": sgd_unit + ("stride_mp", "stride_vp")})
 
 
-def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay):
+def _rate_args(rates, rate_offsets, lr):
+    """(rate_ptr, roff_ptr, S, n_search, RATES) for the step kernels; unused pointers get
+    ``lr`` (never read)."""
+    if rates is None:
+        return lr, lr, 0, 0, 0
+    if rate_offsets is None:
+        return rates.contiguous(), lr, 0, 0, 2
+    S = rates.shape[0]
+    return rates.contiguous(), rate_offsets.contiguous(), S, (S - 1).bit_length(), 1
+
+
+@launcher
+def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay,
+                 rates=None, rate_offsets=None, direction=None):
     """Updates every task's fast weights (and the Adam state) in place.
 
     Args:
@@ -146,6 +216,8 @@ def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps,
         optimizer: ``"sgd"`` or ``"adam"``; state: ``AdamState`` (exp_avg, exp_avg_sq [T, P],
             step [T]) for adam, updated in place; None for sgd.
         max_grad_norm: per-task clip threshold, 0 disables. betas, eps, weight_decay: floats.
+        rates: None, [S] fp32 with rate_offsets (int32 [S + 1]), or [P] fp32.
+        direction: None or [T, P] fp32; each finite task's direction is added in place.
     Returns:
         (norms [T] fp32 before clipping, finite [T] bool).
     """
@@ -162,23 +234,31 @@ def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps,
     _task_norm_kernel[(T,)](partial, norms, finite, coef, NB, partial.stride(0),
                             float(max_grad_norm), _EPS_CLIP, CLIP=max_grad_norm > 0,
                             BLOCK=_NORM_BLOCK)
+    rate_ptr, roff_ptr, S, n_search, kind = _rate_args(rates, rate_offsets, lr)
+    dir_ = fast if direction is None else direction  # never read without DIRECTION
+    flags = dict(WEIGHT_DECAY=weight_decay != 0, RATES=kind, DIRECTION=direction is not None,
+                 BLOCK=_BLOCK_P)
     if optimizer == "sgd":
-        _sgd_kernel[(NB, T)](fast, grad, lr, finite, coef, P, float(weight_decay),
+        _sgd_kernel[(NB, T)](fast, grad, lr, finite, coef, rate_ptr, roff_ptr, dir_, P, S,
+                             n_search, float(weight_decay),
                              fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
-                             WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)
+                             dir_.stride(0), dir_.stride(1), **flags)
         return norms, finite.view(torch.bool)
     b1, b2 = float(betas[0]), float(betas[1])
-    # [T]-sized bias corrections at the new step, with torch's fp32 pow exactly as the
-    # reference computes them (only read for finite tasks, whose step becomes step + 1).
-    new_step = state.step + 1
-    bc1 = 1 - b1 ** new_step
-    bc2 = 1 - b2 ** new_step
+    # [T]-sized per-task scalars at the new step (only read for finite tasks, whose step becomes
+    # step + 1), the bias corrections in fp64 as the reference and the C++ kernel take them:
+    # 1 - 0.999**step in fp32 cancels to a relative error of about 1e-5. The rate may differ per
+    # element, so it is divided by bc1 in the kernel, as the C++ kernel does.
+    new_step = (state.step + 1).double()
+    bc1 = (1 - b1 ** new_step).float()
+    sqrt_bc2 = (1 - b2 ** new_step).sqrt().float()
     m, v = state.exp_avg, state.exp_avg_sq
-    _adam_kernel[(NB, T)](fast, grad, m, v, lr, bc1, bc2, finite, coef, P, b1, b2, 1 - b1,
-                          1 - b2, float(eps), float(weight_decay),
+    _adam_kernel[(NB, T)](fast, grad, m, v, lr, bc1, sqrt_bc2, finite, coef, rate_ptr, roff_ptr,
+                          dir_, P, S, n_search, b1, b2, 1 - b1, 1 - b2, float(eps),
+                          float(weight_decay),
                           fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
                           m.stride(0), m.stride(1), v.stride(0), v.stride(1),
-                          WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)
+                          dir_.stride(0), dir_.stride(1), **flags)
     finite = finite.view(torch.bool)
     state.step.add_(finite.to(state.step.dtype))
     return norms, finite

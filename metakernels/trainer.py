@@ -26,10 +26,12 @@ from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multit
 from .meta.chunked import chunked_step
 from .meta.inner_lr import InnerRates, msl_weights
 from .peft_adapter import peft_theta
+from .run_dir import clear_run, new_run_id
 
 
 class NonFiniteError(RuntimeError):
-    """Too many meta-steps in a row had a non-finite meta-gradient."""
+    """The run cannot go on: theta went non-finite, or too many meta-steps in a row had a
+    non-finite (or an exactly zero) meta-gradient."""
 
 
 
@@ -172,7 +174,9 @@ class Trainer:
                                  optimizer=cfg.meta.inner_optimizer,
                                  max_grad_norm=cfg.meta.inner_max_grad_norm)
         self.step = 0
+        self.run_id = new_run_id()
         self.nonfinite_in_a_row = 0
+        self.zero_grad_in_a_row = 0
         self.history: list[dict] = []
         self.val_tasks = self._build_validation()
 
@@ -274,9 +278,10 @@ class Trainer:
                 raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} meta-steps in a row had a non-finite "
                     f"meta-gradient (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}"
-                    f"); stopping. The last good checkpoint is in {self.run_dir / 'checkpoints'}")
+                    f"); stopping. {self._kept_checkpoint()}")
         else:
             self.nonfinite_in_a_row = 0
+            self._check_alive(grad_norm, red)
             if cfg.meta.max_grad_norm > 0:  # over theta and the learned rates together
                 meta_grad = meta_grad * min(1.0, cfg.meta.max_grad_norm / (grad_norm + 1e-6))
             P = self.bank.num_params
@@ -286,6 +291,13 @@ class Trainer:
                     self.rates.values.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if not bool(torch.isfinite(self.bank.theta).all()):
+                # every process holds the same theta (the same reduced gradient), so every
+                # process stops here; nothing after the last finite checkpoint is saved
+                raise NonFiniteError(
+                    f"step {self.step}: theta became non-finite after the outer step "
+                    f"(meta.outer_lr={cfg.meta.outer_lr}, meta-gradient norm {grad_norm:.3g}); "
+                    f"stopping. {self._kept_checkpoint()}")
         self.scheduler.step()
         names = self.sampler.tasks_for_step(self.step)
         if not skipped and red.num_kept < len(names):
@@ -336,12 +348,43 @@ class Trainer:
                                           else st[k])
         return t
 
+    def _check_alive(self, grad_norm: float, red) -> None:
+        """A meta-gradient of exactly zero means the adapted models no longer depend on theta
+        (an inner step so large that every task's fast weights saturate, so that each predicts
+        every token alike): the run would go on without learning. A warning at each such
+        step; after ``trainer.max_nonfinite_steps`` more in a row, the run stops."""
+        if grad_norm != 0.0:
+            self.zero_grad_in_a_row = 0
+            return
+        self.zero_grad_in_a_row += 1
+        limit = self.cfg.trainer.max_nonfinite_steps
+        q = float(red.query_losses[red.kept].mean())
+        uniform = math.log(len(self.tokenizer))
+        msg = (f"step {self.step}: the meta-gradient is exactly 0 ({self.zero_grad_in_a_row} "
+               f"step(s) in a row); query loss {q:.4f} (a uniform prediction over the "
+               f"vocabulary: {uniform:.4f}): the adapted models ignore theta, the inner loop has "
+               f"collapsed (meta.inner_lr={self.cfg.meta.inner_lr} too large?)")
+        if self.zero_grad_in_a_row > limit:
+            raise NonFiniteError(f"{msg}; stopping after trainer.max_nonfinite_steps={limit} "
+                                 f"more. {self._kept_checkpoint()}")
+        warnings.warn(msg)
+
+    def _kept_checkpoint(self) -> str:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "No checkpoint was written."
+        return f"The newest checkpoint, {ckpt}, is finite and kept."
+
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        meta = {"step": self.step, "config": self.cfg.to_dict(),
+        if not bool(torch.isfinite(self.bank.theta).all()):
+            raise NonFiniteError(f"step {self.step}: theta is non-finite; it is not saved. "
+                                 f"{self._kept_checkpoint()}")
+        meta = {"step": self.step, "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "zero_grad_in_a_row": self.zero_grad_in_a_row,
                 "python_rng": repr(random.getstate()), **adapter_meta(self.bank),
                 "inner_lr_mode": self.cfg.meta.inner_lr_mode}
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
@@ -356,22 +399,25 @@ class Trainer:
                             f"values, this run's adapters have {self.bank.num_params} (model or "
                             f"LoRA settings differ from the checkpoint's); use the checkpoint's "
                             f"settings, or another trainer.experiment_name for a new run")
-        saved_mode = meta.get("inner_lr_mode", "fixed")
-        if saved_mode != self.cfg.meta.inner_lr_mode or (
-                self.rates is not None and tensors["inner_lr"].shape != self.rates.values.shape):
-            raise UserError(f"trainer.resume=true: {ckpt} was trained with meta.inner_lr_mode="
-                            f"{saved_mode} (and its meta.num_inner_steps), this run has "
-                            f"{self.cfg.meta.inner_lr_mode}; use the checkpoint's settings, or "
-                            f"another trainer.experiment_name for a new run")
+        # the rates (and their optimizer state) resume only as they were saved; a mode or step
+        # count changed knowingly (trainer.resume_changes) starts them afresh at inner_lr
+        same_rates = self.rates is not None and "inner_lr" in tensors and (
+            tensors["inner_lr"].shape == self.rates.values.shape
+            and meta.get("inner_lr_mode", "fixed") == self.cfg.meta.inner_lr_mode)
+        if self.rates is not None and not same_rates:
+            warnings.warn(f"{ckpt} holds no {self.cfg.meta.inner_lr_mode} inner rates of this "
+                          f"shape; they start at meta.inner_lr={self.cfg.meta.inner_lr}")
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
-            if self.rates is not None:
+            if same_rates:
                 self.rates.values.copy_(tensors["inner_lr"])
+        # the checkpoint is read to the host; the moments go where the parameters are (AdamW's
+        # step count stays on the host, where it keeps it)
         for prefix, param in self._meta_parameters().items():
-            if f"{prefix}/exp_avg" in tensors:
+            if f"{prefix}/exp_avg" in tensors and (prefix == "outer" or same_rates):
                 self.optimizer.state[param] = {
-                    "exp_avg": tensors[f"{prefix}/exp_avg"].clone(),
-                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].clone(),
+                    "exp_avg": tensors[f"{prefix}/exp_avg"].to(param.device, copy=True),
+                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].to(param.device, copy=True),
                     "step": tensors[f"{prefix}/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -379,7 +425,9 @@ class Trainer:
         self.sampler.load_state_dict(meta["sampler"])
         torch.set_rng_state(tensors["rng/torch"])
         self.step = int(meta["step"])
+        self.run_id = meta.get("run_id", self.run_id)
         self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        self.zero_grad_in_a_row = int(meta.get("zero_grad_in_a_row", 0))
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -395,6 +443,8 @@ class Trainer:
         cfg = self.cfg
         resumed = cfg.trainer.resume and self.resume()
         if self.is_main:
+            if not resumed and cfg.trainer.overwrite:
+                clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         loggers = Loggers(cfg, self.run_dir, self.is_main, self.step if resumed else 0)

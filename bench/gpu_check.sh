@@ -173,10 +173,10 @@ EOF
             "$PY" - "$OUT/ops.csv" <<'EOF'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1], newline="")))
-print("| op | config | mode | provider | median ms | rate | x faster than ref |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| op | config | dtype | mode | provider | median ms | rate | x faster than ref |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
-    print(f"| {r['op']} | {r['config']} | {r['mode']} | {r['provider']} | "
+    print(f"| {r['op']} | {r['config']} | {r.get('dtype') or '-'} | {r['mode']} | {r['provider']} | "
           f"{float(r['median_ms']):.3f} | {float(r['throughput']):.1f} {r['metric']} | "
           f"{float(r['speedup_vs_reference']):.2f} |")
 EOF

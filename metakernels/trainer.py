@@ -399,25 +399,25 @@ class Trainer:
                             f"values, this run's adapters have {self.bank.num_params} (model or "
                             f"LoRA settings differ from the checkpoint's); use the checkpoint's "
                             f"settings, or another trainer.experiment_name for a new run")
-        # the rates (and their optimizer state) resume only as they were saved; a mode or step
-        # count changed knowingly (trainer.resume_changes) starts them afresh at inner_lr
-        same_rates = self.rates is not None and "inner_lr" in tensors and (
-            tensors["inner_lr"].shape == self.rates.values.shape
-            and meta.get("inner_lr_mode", "fixed") == self.cfg.meta.inner_lr_mode)
-        if self.rates is not None and not same_rates:
-            warnings.warn(f"{ckpt} holds no {self.cfg.meta.inner_lr_mode} inner rates of this "
-                          f"shape; they start at meta.inner_lr={self.cfg.meta.inner_lr}")
+        saved_mode = meta.get("inner_lr_mode", "fixed")
+        if saved_mode != self.cfg.meta.inner_lr_mode or (
+                self.rates is not None and tensors["inner_lr"].shape != self.rates.values.shape):
+            raise UserError(f"trainer.resume=true: {ckpt} was trained with meta.inner_lr_mode="
+                            f"{saved_mode} (and its meta.num_inner_steps), this run has "
+                            f"{self.cfg.meta.inner_lr_mode}; use the checkpoint's settings, or "
+                            f"another trainer.experiment_name for a new run")
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
-            if same_rates:
+            if self.rates is not None:
                 self.rates.values.copy_(tensors["inner_lr"])
-        # the checkpoint is read to the host; the moments go where the parameters are (AdamW's
-        # step count stays on the host, where it keeps it)
         for prefix, param in self._meta_parameters().items():
-            if f"{prefix}/exp_avg" in tensors and (prefix == "outer" or same_rates):
+            if f"{prefix}/exp_avg" in tensors:
+                # the checkpoint is read to the host; the moments go where their parameter is
+                # (AdamW's step count stays on the host, where it keeps it)
+                dev = param.device
                 self.optimizer.state[param] = {
-                    "exp_avg": tensors[f"{prefix}/exp_avg"].to(param.device, copy=True),
-                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].to(param.device, copy=True),
+                    "exp_avg": tensors[f"{prefix}/exp_avg"].to(dev, copy=True),
+                    "exp_avg_sq": tensors[f"{prefix}/exp_avg_sq"].to(dev, copy=True),
                     "step": tensors[f"{prefix}/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):

@@ -73,7 +73,11 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
     assert train.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: trainer.resume=true")
-    assert "meta.inner_lr_mode" in err[0] and "per_layer_step" in err[0]
+    assert "meta.inner_lr_mode" in err[0] and "'per_layer_step'" in err[0]
+    # changed knowingly, the rates' layout still has to match the checkpoint's
+    assert train.main(args + ["trainer.resume_changes=[meta.inner_lr_mode]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "meta.inner_lr_mode=per_layer_step" in err[0]
 
 
 def test_export_writes_the_rates_beside_the_peft_adapter(run_dir, tmp_path):

@@ -12,15 +12,14 @@ Semantics (PyTorch pseudo-code, for every task t; ``g = grad[t]``)::
            fast[t] *= 1 - rate * weight_decay
            m[t] = beta1 m[t] + (1 - beta1) g;  v[t] = beta2 v[t] + (1 - beta2) g^2
            fast[t] -= rate / (1 - beta1^step) * m[t] / (sqrt(v[t]) / sqrt(1 - beta2^step) + eps)
-                                                  # bias corrections in fp64, then fp32
            d = weight_decay * fast_old + m[t] / ((1 - beta1^step) (sqrt(v[t]) / sqrt(..) + eps))
-    direction[t] += d                             (when a direction buffer is given)
+                                                  # bias corrections in fp64, then fp32
+    direction[t] += d                               (when a direction buffer is given)
 
 Three launches, deterministic (no atomics): per-(task, block) sums of squares, per-task norm /
 finiteness / clip coefficient, then one elementwise pass that reads and writes every element
 once. A per-segment rate is found by a binary search of each column in ``rate_offsets`` (S + 1
-int32 entries, a few hundred bytes that stay in cache), so no [T, P] or [P] rate is read.
-There are no gradients: the update runs under ``torch.no_grad``.
+int32 entries, a few hundred bytes that stay in cache), so no [T, P] or [P] rate is read. There are no gradients: the update runs under ``torch.no_grad``.
 ``fused_update`` has exactly the semantics of ``fused_update_ref`` in
 ``metakernels/ops/fused_update.py``.
 """
@@ -137,17 +136,15 @@ def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, rate_ptr, roff
 
 
 @triton.jit
-def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, step_size_ptr, sqrt_bc2_ptr, bc1_ptr,
-                 finite_ptr, coef_ptr, rate_ptr, roff_ptr, dir_ptr, P, S, n_search, beta1, beta2,
+def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, sqrt_bc2_ptr, finite_ptr,
+                 coef_ptr, rate_ptr, roff_ptr, dir_ptr, P, S, n_search, beta1, beta2,
                  one_minus_beta1, one_minus_beta2, eps, weight_decay,
                  stride_ft, stride_fp, stride_gt, stride_gp, stride_mt, stride_mp,
                  stride_vt, stride_vp, stride_dt, stride_dp,
                  WEIGHT_DECAY: tl.constexpr, RATES: tl.constexpr, DIRECTION: tl.constexpr,
                  BLOCK: tl.constexpr):
-    """One Adam(W) step of task t where finite[t]; ``step_size[t] = lr[t] / (1 - beta1^step)``
-    and ``sqrt_bc2[t] = sqrt(1 - beta2^step)`` at the new step, ``bc1[t] = 1 - beta1^step`` in
-    fp64 (see the module docstring). With rates the step size of each element is its rate over
-    bc1 in fp64, as step_size is for lr[t]: equal rates give the fixed step bit for bit.
+    """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step`` and
+    ``sqrt_bc2[t] = sqrt(1 - beta2^step)`` at the new step (see the module docstring).
     Grid: (cdiv(P, BLOCK), T)."""
     if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
@@ -160,17 +157,13 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, step_size_ptr, sqrt_b
     lr = _element_rate(lr_ptr, t, cols, mask, rate_ptr, roff_ptr, S, n_search, RATES)
     denom = tl.sqrt_rn(v) / tl.load(sqrt_bc2_ptr + t) + eps
     if DIRECTION:
-        d = m / (tl.load(bc1_ptr + t).to(tl.float32) * denom)
+        d = m / (tl.load(bc1_ptr + t) * denom)
         if WEIGHT_DECAY:
             d = weight_decay * w + d
         _add_direction(dir_ptr, t64, cols, mask, d, stride_dt, stride_dp)
-    if RATES == 0:
-        step_size = tl.load(step_size_ptr + t)
-    else:
-        step_size = (lr.to(tl.float64) / tl.load(bc1_ptr + t)).to(tl.float32)
     if WEIGHT_DECAY:
         w = w * (1.0 - lr * weight_decay)
-    w = w - step_size * m / denom
+    w = w - (lr / tl.load(bc1_ptr + t)) * m / denom
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
     tl.store(f_ptrs, w, mask=mask)
@@ -178,9 +171,9 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, step_size_ptr, sqrt_b
 
 def launch_configs():
     """Every (kernel, pointer dtypes, constexprs) ``fused_update`` can launch: all fp32 but the
-    int8 finiteness flags, the int32 rate offsets and Adam's fp64 bias corrections; every flag
-    of each kernel both ways and the three kinds of rates. The [T, P] buffers (direction too)
-    are contiguous (the op checks), so their column strides are 1."""
+    int8 finiteness flags and the int32 rate offsets; every flag of each kernel both ways and
+    the three kinds of rates. The [T, P] buffers are contiguous (the op checks), so their column
+    strides are 1."""
     flags = {"finite_ptr": "*i8"}
     bank = {"bank": ("stride_fp", "stride_gp")}
     yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P),
@@ -194,12 +187,12 @@ def launch_configs():
             for direction in (False, True):
                 tag = f"wd{int(wd)}-rates{rates}-dir{int(direction)}"
                 consts = dict(WEIGHT_DECAY=wd, RATES=rates, DIRECTION=direction, BLOCK=_BLOCK_P)
+                # without a direction buffer the launch passes fast's strides in its place
+                sgd_unit = bank["bank"] + ("stride_dp",)
                 yield LaunchConfig(f"sgd-{tag}", _sgd_kernel, step_flags, consts,
-                                   unit={"bank": bank["bank"] + ("stride_dp",)})
-                yield LaunchConfig(f"adam-{tag}", _adam_kernel,
-                                   {**step_flags, "bc1_ptr": "*fp64"}, consts,
-                                   unit={"bank": bank["bank"] + ("stride_mp", "stride_vp",
-                                                                 "stride_dp")})
+                                   unit={"bank": sgd_unit})
+                yield LaunchConfig(f"adam-{tag}", _adam_kernel, step_flags, consts,
+                                   unit={"bank": sgd_unit + ("stride_mp", "stride_vp")})
 
 
 def _rate_args(rates, rate_offsets, lr):
@@ -254,15 +247,15 @@ def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps,
     b1, b2 = float(betas[0]), float(betas[1])
     # [T]-sized per-task scalars at the new step (only read for finite tasks, whose step becomes
     # step + 1), the bias corrections in fp64 as the reference and the C++ kernel take them:
-    # 1 - 0.999**step in fp32 cancels to a relative error of about 1e-5.
+    # 1 - 0.999**step in fp32 cancels to a relative error of about 1e-5. The rate may differ per
+    # element, so it is divided by bc1 in the kernel, as the C++ kernel does.
     new_step = (state.step + 1).double()
-    bc1 = 1 - b1 ** new_step
-    step_size = (lr.double() / bc1).float()
+    bc1 = (1 - b1 ** new_step).float()
     sqrt_bc2 = (1 - b2 ** new_step).sqrt().float()
     m, v = state.exp_avg, state.exp_avg_sq
-    _adam_kernel[(NB, T)](fast, grad, m, v, lr, step_size, sqrt_bc2, bc1, finite, coef,
-                          rate_ptr, roff_ptr, dir_, P, S, n_search, b1, b2, 1 - b1, 1 - b2,
-                          float(eps), float(weight_decay),
+    _adam_kernel[(NB, T)](fast, grad, m, v, lr, bc1, sqrt_bc2, finite, coef, rate_ptr, roff_ptr,
+                          dir_, P, S, n_search, b1, b2, 1 - b1, 1 - b2, float(eps),
+                          float(weight_decay),
                           fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
                           m.stride(0), m.stride(1), v.stride(0), v.stride(1),
                           dir_.stride(0), dir_.stride(1), **flags)

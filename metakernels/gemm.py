@@ -72,17 +72,19 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b):
-        ctx.save_for_backward(W)
-        return onednn_linear(x, W, b)
+        with torch.profiler.record_function("metakernels::frozen_linear.forward"):
+            ctx.save_for_backward(W)
+            return onednn_linear(x, W, b)
 
     @staticmethod
     def backward(ctx, dy):
         (W,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        if torch.is_grad_enabled():   # a double backward: differentiable ops
-            return dy @ W, None, None
-        return onednn_linear(dy, W.t()), None, None
+        with torch.profiler.record_function("metakernels::frozen_linear.backward"):
+            if torch.is_grad_enabled():   # a double backward: differentiable ops
+                return dy @ W, None, None
+            return onednn_linear(dy, W.t()), None, None
 
 
 def frozen_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,12 +13,16 @@ import torch.nn as nn
 from ..bank import AdapterBank
 from ..batch import PackedBatch
 from ..ops import fused_update, meta_reduce
-from .common import InnerConfig, StepResult, finite_rows, normalized_weights, task_losses
+from .common import (InnerConfig, LossFn, StepResult, finite_rows, normalized_weights,
+                     task_losses)
 
 
 def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: InnerConfig,
-               chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk_size: int | None = None, loss_fn: LossFn = task_losses,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1: adapts ``bank.fast`` (one row per task, starting at theta) on the support sets.
+    ``loss_fn(model, batch, chunk_size)`` gives the per-task losses [T] (default
+    ``task_losses``: ``segment_cross_entropy`` without the logits).
 
     Returns (support_losses [K, T], alive [T] bool, last inner grad norms [T]).
     """
@@ -32,7 +36,7 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
     for _ in range(cfg.num_steps):
         bank.grad.zero_()
         with bank.activate(bank.fast, layout, bank.grad):
-            losses = task_losses(model, support, chunk_size)
+            losses = loss_fn(model, support, chunk_size)
             losses.sum().backward()
         norms, finite = fused_update(bank.fast, bank.grad, lr, optimizer=cfg.optimizer,
                                      state=bank.state, max_grad_norm=cfg.max_grad_norm,
@@ -44,20 +48,21 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
 
 
 def query_gradients(model: nn.Module, bank: AdapterBank, query: PackedBatch,
-                    chunk_size: int | None = None) -> torch.Tensor:
+                    chunk_size: int | None = None, loss_fn: LossFn = task_losses) -> torch.Tensor:
     """Stage 2: per-task query losses [T] at the fast weights; their gradients land in
     ``bank.grad``."""
     bank.grad.zero_()
     with bank.activate(bank.fast, query.token_layout, bank.grad):
-        losses = task_losses(model, query, chunk_size)
+        losses = loss_fn(model, query, chunk_size)
         losses.sum().backward()
     return losses.detach()
 
 
 def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query: PackedBatch,
                 cfg: InnerConfig, weights: torch.Tensor | None = None,
-                chunk_size: int | None = None) -> StepResult:
+                chunk_size: int | None = None, loss_fn: LossFn = task_losses) -> StepResult:
     """One batched FOMAML / Meta-LoRA meta-step; returns the meta-gradient (not applied).
+    ``loss_fn``: the per-task losses, as in ``inner_loop``.
 
     Semantics::
 
@@ -67,8 +72,8 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
     if support.num_tasks != query.num_tasks:
         raise ValueError(f"fomaml_step: support has {support.num_tasks} tasks, query "
                          f"{query.num_tasks}")
-    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size)
-    qlosses = query_gradients(model, bank, query, chunk_size)
+    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size, loss_fn)
+    qlosses = query_gradients(model, bank, query, chunk_size, loss_fn)
     keep = alive & torch.isfinite(qlosses) & finite_rows(bank.grad)
     w = normalized_weights(support.num_tasks, weights, keep, bank.device)
     # a dropped task's row may hold NaNs, which a zero weight would still propagate
@@ -80,15 +85,15 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
 def reptile_step(model: nn.Module, bank: AdapterBank, support: PackedBatch,
                  query: PackedBatch | None, cfg: InnerConfig,
                  weights: torch.Tensor | None = None,
-                 chunk_size: int | None = None) -> StepResult:
+                 chunk_size: int | None = None, loss_fn: LossFn = task_losses) -> StepResult:
     """One batched Reptile meta-step. The returned meta-gradient is
     ``sum_t w[t] (theta - fast[t])``, which the outer optimizer applies like a gradient
     (plain SGD with lr 1 gives ``theta <- mean_t fast[t]``). The query set only reports losses."""
-    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size)
+    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size, loss_fn)
     T = support.num_tasks
     if query is not None:
         with torch.no_grad(), bank.activate(bank.fast.detach(), query.token_layout):
-            qlosses = task_losses(model, query, chunk_size)
+            qlosses = loss_fn(model, query, chunk_size)
     else:
         qlosses = torch.full((T,), float("nan"), device=bank.device)
     keep = alive & finite_rows(bank.fast.detach())

@@ -28,7 +28,7 @@ from .cli import UserError, check_model_path, check_paths, command
 from .config import Config, ConfigError, dump_config, load_config
 from .lora import inject
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
-from .meta.chunked import chunked_step
+from .meta.chunked import chunked_step, task_chunk_setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +49,11 @@ def set_kernel_choices(cfg: Config) -> None:
 
 def build_tokenizer(cfg: Config):
     from .data.tokenizer import load_tokenizer
+    from .models import load_gguf_tokenizer
 
     check_model_path(cfg.model.path)
+    if cfg.model.gguf_file is not None:
+        return load_gguf_tokenizer(cfg.model.gguf_file)
     return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
@@ -79,7 +82,11 @@ def build_model(cfg: Config, vocab_size: int):
     """The frozen base: a local checkpoint (``model.path``) or a tiny random model."""
     m = cfg.model
     attn = "eager" if cfg.meta.algorithm == "maml" else m.attn_implementation
-    if m.path is not None:
+    if m.gguf_file is not None:
+        from .models import load_gguf
+
+        model = load_gguf(m.gguf_file, DTYPES[m.dtype], attn)
+    elif m.path is not None:
         from transformers import AutoModelForCausalLM
 
         check_model_path(m.path)
@@ -237,6 +244,7 @@ class Trainer:
         self.inner = InnerConfig(lr=cfg.meta.inner_lr, num_steps=cfg.meta.num_inner_steps,
                                  optimizer=cfg.meta.inner_optimizer,
                                  max_grad_norm=cfg.meta.inner_max_grad_norm)
+        self.task_chunk = task_chunk_setting(cfg.meta, cfg.meta.inner_optimizer)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.history: list[dict] = []
@@ -303,7 +311,7 @@ class Trainer:
         algo = self.cfg.meta.algorithm
         if algo in ("fomaml", "reptile"):
             return chunked_step(algo, self.model, self.bank, support, query, self.inner,
-                                self.cfg.meta.task_chunk)
+                                self.task_chunk)
         if algo == "maml":
             return maml_step(self.model, self.bank, support, query, self.inner)
         if algo == "multitask":

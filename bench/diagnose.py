@@ -79,6 +79,8 @@ OP_LABELS = {
     "segment_cross_entropy": "loss (segment_cross_entropy)",
     "rotary": "rotary",
     "rms_norm": "RMSNorm",
+    "fused_update": "inner update (fused_update)",
+    "meta_reduce": "meta-gradient reduction (meta_reduce)",
 }
 OP_PREFIX = "metakernels::"
 

@@ -73,7 +73,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from metakernels import TaskLayout, backend  # noqa: E402
 from metakernels import fused  # noqa: E402
-from metakernels.fused import _AttentionFn  # noqa: E402
+from metakernels.ops import rms_norm_ref, rotary_ref  # noqa: E402
+from metakernels.ops.attention import _AttentionFn  # noqa: E402
 from metakernels.gemm import gemm_library, use_gemm  # noqa: E402
 from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_reduce  # noqa: E402
 from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref  # noqa: E402
@@ -247,7 +248,7 @@ class AttentionCase:
         if provider == "reference":
             fwd = lambda: attention_math(q, k, v, self.scale)
         elif provider_backend(provider) == "cpu":
-            fwd = lambda: _AttentionFn.apply(q, k, v, None, True, self.scale)
+            fwd = lambda: _AttentionFn.apply(q, k, v, None, True, self.scale, "cpu")
         else:
             fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                          scale=self.scale)
@@ -298,7 +299,7 @@ class RMSNormCase(_LayerCase):
                          (8 * rows * dim, 12 * rows * dim))
 
     def apply(self, x):
-        return fused._rms_norm_ref(x, self.weight, self.eps)
+        return rms_norm_ref(x, self.weight, self.eps)
 
     def apply_fused(self, x):
         return fused.rms_norm(x, self.weight, self.eps)
@@ -339,7 +340,7 @@ class RotaryCase(_LayerCase):
 
     def apply(self, q, k):
         cos, sin = self.cos.unsqueeze(1), self.sin.unsqueeze(1)
-        return fused._rotate(q, cos, sin), fused._rotate(k, cos, sin)
+        return rotary_ref(q, k, cos, sin)
 
     def apply_fused(self, q, k):
         return fused.rotary(q, k, self.cos, self.sin)

@@ -186,13 +186,13 @@ class Vmap:
     def step(self):
         lora = {}
         for s, na, nb in self.entries:
-            lora[na] = self.theta[s.a_slice].view(s.in_features, s.rank).T
-            lora[nb] = self.theta[s.b_slice].view(s.rank, s.out_features).T
+            lora[na], lora[nb] = s.peft_views(self.theta)
         grads, losses = self._run(lora, *self.sup, *self.qry)
         meta_grad = torch.empty(self.num_params, device=self.theta.device)
         for s, na, nb in self.entries:
-            meta_grad[s.a_slice] = grads[na].mean(0).T.reshape(-1)
-            meta_grad[s.b_slice] = grads[nb].mean(0).T.reshape(-1)
+            a, b = s.peft_views(meta_grad)
+            a.copy_(grads[na].mean(0))
+            b.copy_(grads[nb].mean(0))
         return meta_grad, float(losses.mean())
 
 

@@ -1,10 +1,11 @@
-// One-pass kernels for the frozen base's rotary embedding, RMSNorm and SwiGLU (the memory-lean
-// layers of metakernels/fused.py, which holds their plain-PyTorch references).
+// One-pass kernels for the frozen base's rotary embedding, RMSNorm and SwiGLU (the layer ops
+// metakernels/ops/{rotary,rms_norm,swiglu}.py, which hold their plain-PyTorch references).
 //
 // The rotary forward rounds exactly as Hugging Face's `q * cos + rotate_half(q) * sin` does as
 // separate ops (each product rounded, then the sum; setup.py compiles with -ffp-contract=off so
-// that no multiply-add is fused), bitwise the library's. It reads q once and writes the result once, where the op-by-op form makes five passes (two
-// products, a negation, a concatenation and a sum). The backwards are single passes too.
+// that no multiply-add is fused), bitwise the library's. It reads q once and writes the result
+// once, where the op-by-op form makes five passes (two products, a negation, a concatenation and
+// a sum). The backwards are single passes too.
 //
 // RMSNorm's forward makes two passes over a row (its sum of squares in fp64, then
 // `weight * (x * r)` with both products rounded as the library rounds them) where the op-by-op

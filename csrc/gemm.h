@@ -1,10 +1,9 @@
 // The frozen base's GEMMs: y = x @ W.T (+ b), through oneDNN's fp32 matmul or ATen's mm.
 //
 // ATen's fp32 mm on the CPU is MKL's sgemm, which on AMD processors runs its AVX2 code even where
-// the CPU has AVX-512; oneDNN picks its kernels by the instruction sets the CPU reports. On the
-// 2-core AMD EPYC (AVX-512) this project is measured on, oneDNN's matmul ([1024, 512] x
-// [512, 1376], the weight in its plain layout) runs at about 450 GFLOP/s against MKL's 200 (the
-// README's command). The weight may be any strided view: W.t() of a row-major [out, in] weight
+// the CPU has AVX-512; oneDNN picks its kernels by the instruction sets the CPU reports, so which
+// is faster depends on the CPU (metakernels/gemm.py chooses; docs/performance.md has the rates).
+// The weight may be any strided view: W.t() of a row-major [out, in] weight
 // is the backward's [in, out] operand, with no copy. Both compute in fp32 (no reduced-precision
 // mode); they differ in the order of the sums, i.e. by rounding.
 #pragma once

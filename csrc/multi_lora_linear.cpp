@@ -6,8 +6,9 @@
 //           alpha = scale.
 // Backward: dA[t], dB[t] are accumulated in place (beta = 1) through the caller's views, the
 //           LoRA part of dx is accumulated onto the base part dy @ W.
-// On AVX-512 CPUs with fp32 operands and tasks that share the threads evenly, each thread runs
-// its tasks' LoRA products one task at a time (small_gemm.h; see task_groups). Otherwise, when
+// With per_task, on AVX-512 CPUs with fp32 (or bf16 x over an fp32 bank) unit-stride operands
+// and tasks that share the threads evenly, each thread runs its tasks' LoRA products one task at
+// a time (small_gemm.h; see task_groups). Otherwise, when
 // every task has the same number of rows (> 0) each product is one batched GEMM; ragged layouts
 // loop over the tasks and skip empty ones.
 // The LoRA terms are computed in A's dtype (fp32 in the bank). When x is bf16 over the fp32
@@ -18,8 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 #include <vector>
 
 #include "checks.h"
@@ -134,7 +133,8 @@ void lora_backward(const Segments& seg, const LoraDims& d, const at::Tensor& dyf
 // product. The tasks are dealt to the threads by rows (largest first, each to the thread with
 // the fewest rows so far); the path is taken when that keeps the busiest thread within 5/4 of
 // an even share (else the batched GEMMs, which split every product, are faster), for fp32
-// operands with unit column strides. METAKERNELS_LORA_PER_TASK=0 turns it off (read per call).
+// operands (or bf16 x over an fp32 bank) with unit column strides. The caller may turn it off
+// (per_task false: the batched GEMMs always).
 struct Mat {  // a row-major fp32 matrix: data and row stride
   float* p;
   int64_t ld;
@@ -153,11 +153,10 @@ struct TaskMats {
 TaskMats task_mats(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1)}; }
 
 // The tasks of each thread, or none when the per-task path does not apply.
-std::vector<std::vector<int64_t>> task_groups(const Segments& seg, const LoraDims& d,
+std::vector<std::vector<int64_t>> task_groups(bool per_task, const Segments& seg,
+                                              const LoraDims& d,
                                               std::initializer_list<const at::Tensor*> ts) {
-  const char* env = std::getenv("METAKERNELS_LORA_PER_TASK");
-  if (env != nullptr && std::string_view(env) == "0") return {};
-  if (!small_gemm_avx512() || d.N == 0) return {};
+  if (!per_task || !small_gemm_avx512() || d.N == 0) return {};
   for (const at::Tensor* t : ts) {
     const auto dt = t->scalar_type();
     if ((dt != at::kFloat && dt != at::kBFloat16) || t->stride(-1) != 1) return {};
@@ -383,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
                                                          const std::optional<at::Tensor>& b_opt,
                                                          const at::Tensor& A, const at::Tensor& B,
                                                          const at::Tensor& offsets, double scale,
-                                                         bool onednn) {
+                                                         bool onednn, bool per_task) {
   constexpr const char* kOp = "multi_lora_linear_fwd";
   const LoraDims d = check_lora_inputs(kOp, x, W_opt, A, B);
   const bool has_bias = b_opt.has_value() && b_opt->defined();
@@ -401,14 +400,14 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
   at::Tensor y = d.has_base ? linear_nt(x, *W_opt, b_opt, onednn)
                             : at::empty({d.N, d.out}, x.options());
   if (bf16_over_f32(x, A)) {
-    const auto groups = task_groups(seg, d, {&x, &A, &B, &xa, &y});
+    const auto groups = task_groups(per_task, seg, d, {&x, &A, &B, &xa, &y});
     if (!groups.empty()) {
       lora_forward_tasks_bf16(groups, seg, d, x, A, B, scale, xa, y, d.has_base);
       return {y, xa};
     }
   }
   const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
-  const auto groups = same_dtype ? task_groups(seg, d, {&xf, &A, &B, &y})
+  const auto groups = same_dtype ? task_groups(per_task, seg, d, {&xf, &A, &B, &y})
                                  : std::vector<std::vector<int64_t>>();
   if (!groups.empty()) {
     lora_forward_tasks(groups, seg, d, xf, A, B, scale, xa, y, d.has_base ? 1.0f : 0.0f);
@@ -427,7 +426,7 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
                                  const std::optional<at::Tensor>& W_opt, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& xa,
                                  const at::Tensor& offsets, double scale, at::Tensor& dA,
-                                 at::Tensor& dB, bool need_dx, bool onednn) {
+                                 at::Tensor& dB, bool need_dx, bool onednn, bool per_task) {
   constexpr const char* kOp = "multi_lora_linear_bwd";
   const LoraDims d = check_lora_inputs(kOp, x, W_opt, A, B);
   MK_CHECK_DEFINED(dy);
@@ -450,7 +449,7 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
 
   const bool same_dtype = x.scalar_type() == A.scalar_type();
   if (bf16_over_f32(x, A)) {
-    const auto groups = task_groups(seg, d, {&dy, &x, &A, &B, &xa, &dA, &dB});
+    const auto groups = task_groups(per_task, seg, d, {&dy, &x, &A, &B, &xa, &dA, &dB});
     if (!groups.empty()) {
       if (!need_dx) {
         lora_backward_tasks_bf16(groups, seg, d, dy, x, A, B, xa, scale, dA, dB, nullptr, false);
@@ -467,8 +466,9 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
   }
   const at::Tensor xf = same_dtype ? x : x.to(A.scalar_type());
   const at::Tensor dyf = same_dtype ? dy : dy.to(A.scalar_type());
-  const auto groups = same_dtype ? task_groups(seg, d, {&dyf, &xf, &A, &B, &xa, &dA, &dB})
-                                 : std::vector<std::vector<int64_t>>();
+  const auto groups = same_dtype
+                          ? task_groups(per_task, seg, d, {&dyf, &xf, &A, &B, &xa, &dA, &dB})
+                          : std::vector<std::vector<int64_t>>();
   if (!need_dx) {
     if (!groups.empty()) {
       lora_backward_tasks(groups, seg, d, dyf, xf, A, B, xa, scale, dA, dB, nullptr, 0.0f);

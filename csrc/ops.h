@@ -17,12 +17,14 @@ namespace metakernels {
 // x [N, in] fp32/bf16/fp16, W [out, in] (any strides, dtype of x), b [out], A [T, in, r],
 // B [T, r, out], offsets int32 [T + 1]. Returns (y [N, out] dtype of x, xa [N, r] dtype of A).
 // onednn: the base GEMM (and the backward's dy @ W) through oneDNN for fp32 (gemm.h).
+// per_task: the LoRA products one task per thread at a time where the CPU and the layout allow
+// (multi_lora_linear.cpp, task_groups); false: batched GEMMs over all tasks.
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_fwd(const at::Tensor& x,
                                                          const std::optional<at::Tensor>& W,
                                                          const std::optional<at::Tensor>& b,
                                                          const at::Tensor& A, const at::Tensor& B,
                                                          const at::Tensor& offsets, double scale,
-                                                         bool onednn);
+                                                         bool onednn, bool per_task);
 
 // Semantics (g_t = dy_t @ B[t].T, rows t = s[t]:s[t+1]):
 //   dA[t] += scale * x_t.T @ g_t                       (in place, through the view)
@@ -33,7 +35,7 @@ at::Tensor multi_lora_linear_bwd(const at::Tensor& dy, const at::Tensor& x,
                                  const std::optional<at::Tensor>& W, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& xa,
                                  const at::Tensor& offsets, double scale, at::Tensor& dA,
-                                 at::Tensor& dB, bool need_dx, bool onednn);
+                                 at::Tensor& dB, bool need_dx, bool onednn, bool per_task);
 
 // Per task t (g = grad[t]): norm = ||g||; a non-finite norm skips the task (nothing written);
 // g *= min(1, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0;
@@ -70,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
                                                              int64_t chunk_size, bool onednn);
 
 // Hugging Face's rotary map of q and k (q * cos + rotate_half(q) * sin, rounded as those separate
-// ops round) in one pass each. q, k float32 [B, H, L, D] (unit last stride), cos/sin float32
-// broadcastable to them. Returns (q', k') in q's and k's memory layouts.
+// ops round) in one pass each. q, k float32 or bfloat16 [B, H, L, D] (unit last stride), cos/sin
+// of their dtype broadcastable to them. Returns (q', k') in q's and k's memory layouts.
 std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& cos, const at::Tensor& sin);
 
@@ -79,27 +81,31 @@ std::tuple<at::Tensor, at::Tensor> rotary_fwd(const at::Tensor& q, const at::Ten
 at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin);
 
 // RMSNorm: y = weight * (x * r), r = 1 / sqrt(mean(x**2) + eps) per row of the last axis, in
-// one pass over x. x float32 [..., D], weight [D]. Returns (y, rstd [..., 1]).
+// one pass over x. x float32 or bfloat16 [..., D], weight [D] of x's dtype. Returns (y in x's
+// dtype, rstd [..., 1] float32).
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                 double eps);
 
 // RMSNorm's input gradient: dx = r * (g - xhat * mean(g * xhat)), g = dy * weight, xhat = x * r,
-// means over the last axis. dy, x float32 [..., D], weight [D], rstd one value per row. With
+// means over the last axis. dy, x float32 or bfloat16 [..., D], weight [D] of their dtype, rstd
+// float32, one value per row. With
 // x_is_output, x is the forward's output y (xhat = y / weight: weight must have no zero).
 at::Tensor rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& rstd, bool x_is_output);
 
-// SwiGLU: silu(gate) * up in one pass. gate, up float32 of one shape.
+// SwiGLU: silu(gate) * up in one pass. gate, up float32 or bfloat16, of one shape and dtype.
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
 
 // SwiGLU's backward: s = sigmoid(gate), dgate = dy * up * s * (1 + gate * (1 - s)),
-// dup = dy * gate * s, in one pass. dy, gate, up float32 of one shape. Returns (dgate, dup).
+// dup = dy * gate * s, in one pass. dy, gate, up float32 or bfloat16, of one shape and dtype.
+// Returns (dgate, dup).
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up);
 
 // Attention for short sequences (csrc/attention.cpp): O = softmax(scale Q K^T, masked) V per
-// (batch, head), grouped-query heads allowed. q [B, H, Lq, D], k/v [B, Hkv, Lk, D] float32 with
-// unit last strides; mask: bool [B or 1, 1, Lq, Lk] (true = attend), or none: causal (or full).
+// (batch, head), grouped-query heads allowed. q [B, H, Lq, D], k/v [B, Hkv, Lk, D] float32 or
+// bfloat16 (computed in fp32, rounded once) with unit last strides; mask: bool [B or 1, 1, Lq, Lk]
+// (true = attend), or none: causal (or full).
 // Returns (out [B, H, Lq, D] as a view of a [B, Lq, H, D] tensor, lse [B, H, Lq]); a fully masked
 // row gives zeros and lse = +inf.
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,

@@ -22,7 +22,7 @@ namespace metakernels {
 // vectorise (std::exp is a scalar libm call): Cephes' range reduction x = n ln2 + r with
 // |r| <= ln2 / 2, a degree-6 polynomial for exp(r), 2^n built in the exponent bits. Below -87.3,
 // where fp32 leaves its normal range, it gives 0. The final select only vectorises under
-// -fno-trapping-math (setup.py, CMakeLists.txt); without it this loop runs scalar, 3x slower.
+// -fno-trapping-math (setup.py, CMakeLists.txt); without it this loop runs scalar.
 inline float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;

@@ -20,9 +20,9 @@ import torch
 from metakernels.batch import pack_tasks
 from metakernels.data.sampler import make_task_data
 from metakernels.data.tasks import get_task
-from metakernels.evaluate import (build_eval_tasks, decode_response, exact_match,
-                                  greedy_generate, load_setup, lora_init_theta, query_metrics,
-                                  stop_token_ids)
+from metakernels.adapt import (build_eval_tasks, decode_response, exact_match, greedy_generate,
+                               query_metrics, stop_token_ids)
+from metakernels.few_shot import load_setup, lora_init_theta
 from metakernels.meta.common import task_losses
 
 

@@ -11,6 +11,11 @@ views of ``grad``: one buffer means one kernel per update, one all-reduce per me
 checkpoint that is one tensor. Names and initialisation follow PEFT (``lora_A``
 Kaiming-uniform, ``lora_B`` zero, ``scale = alpha / rank``); PEFT stores ``lora_A.weight`` as
 [r, in] and ``lora_B.weight`` as [out, r], the transposes of the slices here.
+
+This module is the one place that knows the layout: ``LoraSlot.peft_views`` gives a slot's
+adapter in PEFT's form as views of a flat row, ``peft_state_dict`` / ``flat_from_peft`` convert
+whole adapters, and ``adapter_meta`` / ``slots_from_meta`` / ``check_adapter_meta`` write and
+read the layout a checkpoint records.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .layout import TaskLayout
 from .ops.fused_update import AdamState
 
@@ -46,6 +52,96 @@ class LoraSlot:
     def b_slice(self) -> slice:
         a_end = self.offset + self.in_features * self.rank
         return slice(a_end, a_end + self.rank * self.out_features)
+
+    def peft_views(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This slot's adapter in PEFT's form, as views of a flat row [P] (writes go to the
+        row): ``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]."""
+        a = row[self.a_slice].view(self.in_features, self.rank).T
+        b = row[self.b_slice].view(self.rank, self.out_features).T
+        return a, b
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def layout_slots(specs, rank: int) -> list[LoraSlot]:
+    """The slots of modules ``specs`` ((name, in_features, out_features) each, in bank order)
+    at ``rank``, packed one after another from offset 0."""
+    slots, offset = [], 0
+    for name, fin, fout in specs:
+        slots.append(LoraSlot(str(name), int(fin), int(fout), int(rank), offset))
+        offset += slots[-1].numel
+    return slots
+
+
+def peft_state_dict(row: torch.Tensor, slots: list[LoraSlot], prefix: str = PEFT_PREFIX
+                    ) -> dict[str, torch.Tensor]:
+    """PEFT adapter weights (``<prefix><module>.lora_A.weight`` [r, in], ``lora_B.weight``
+    [out, r]) of the flat row [P], on the CPU."""
+    covered = sum(s.numel for s in slots)
+    if covered != row.numel():
+        raise ValueError(f"peft_state_dict: the row has {row.numel()} values, the adapter "
+                         f"layout covers {covered}")
+    row = row.detach()
+    out = {}
+    for s in slots:
+        a, b = s.peft_views(row)
+        out[f"{prefix}{s.name}.lora_A.weight"] = a.contiguous().cpu()
+        out[f"{prefix}{s.name}.lora_B.weight"] = b.contiguous().cpu()
+    return out
+
+
+def flat_from_peft(state_dict: dict[str, torch.Tensor], slots: list[LoraSlot],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The flat row [P] (CPU) of a PEFT adapter state dict (keys with or without the
+    ``base_model.model.`` prefix and the ``.default`` adapter name)."""
+    norm = {}
+    for k, v in state_dict.items():
+        k2 = k.replace(".default.weight", ".weight")
+        if k2.startswith(PEFT_PREFIX):
+            k2 = k2[len(PEFT_PREFIX):]
+        norm[k2] = v
+    flat = torch.empty(sum(s.numel for s in slots), dtype=dtype)
+    for s in slots:
+        for part, view in zip(("lora_A", "lora_B"), s.peft_views(flat)):
+            key = f"{s.name}.{part}.weight"
+            if key not in norm:
+                raise KeyError(f"PEFT adapter has no tensor {key!r} (the bank adapts "
+                               f"{len(slots)} modules; first keys of the adapter: "
+                               f"{sorted(norm)[:4]})")
+            t = norm[key]
+            if tuple(t.shape) != tuple(view.shape):
+                raise ValueError(f"PEFT adapter tensor {key!r} has shape {tuple(t.shape)}, "
+                                 f"the bank expects {tuple(view.shape)} (rank {s.rank})")
+            view.copy_(t.to(dtype))
+    return flat
+
+
+def adapter_meta(bank: "AdapterBank") -> dict:
+    """The adapter layout a checkpoint records: module names and shapes, rank and alpha."""
+    return {"slots": [[s.name, s.in_features, s.out_features] for s in bank.slots],
+            "rank": bank.rank, "alpha": bank.alpha}
+
+
+def slots_from_meta(meta: dict, where) -> tuple[list[LoraSlot], int, float]:
+    """(slots, rank, alpha) recorded by ``adapter_meta`` in a checkpoint's metadata."""
+    if not {"slots", "rank", "alpha"} <= meta.keys():
+        raise UserError(f"{where}: not a checkpoint of python -m metakernels.train (no adapter "
+                        f"layout in its metadata)")
+    return layout_slots(meta["slots"], meta["rank"]), int(meta["rank"]), float(meta["alpha"])
+
+
+def check_adapter_meta(bank: "AdapterBank", meta: dict, where) -> None:
+    """The layout a checkpoint recorded must be ``bank``'s (same modules, shapes, rank and
+    alpha): a theta only means something over the modules it was trained for."""
+    slots, rank, alpha = slots_from_meta(meta, where)
+    want = [(s.name, s.in_features, s.out_features) for s in slots]
+    have = [(s.name, s.in_features, s.out_features) for s in bank.slots]
+    if want != have or rank != bank.rank or not math.isclose(alpha, bank.alpha):
+        raise UserError(f"{where}: the checkpoint's adapters ({len(want)} modules, rank {rank}, "
+                        f"alpha {alpha}) do not match the rebuilt bank ({len(have)} modules, "
+                        f"rank {bank.rank}, alpha {bank.alpha}); the model and LoRA settings "
+                        f"must be the checkpoint's")
 
 
 class AdapterBank:
@@ -104,8 +200,9 @@ class AdapterBank:
                 a = torch.empty(s.rank, s.in_features, dtype=self.dtype)
                 bound = 1.0 / math.sqrt(s.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
                 a.uniform_(-bound, bound, generator=generator)
-                self.theta[s.a_slice] = a.T.reshape(-1).to(self.device)
-                self.theta[s.b_slice] = 0.0
+                pa, pb = s.peft_views(self.theta)
+                pa.copy_(a)
+                pb.zero_()
 
     # -- views ----------------------------------------------------------------------------------
     def views(self, buf: torch.Tensor, slot: LoraSlot) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,40 +247,11 @@ class AdapterBank:
         self.fast.requires_grad_(True)
 
     # -- PEFT interop ---------------------------------------------------------------------------
-    def peft_state_dict(self, row: torch.Tensor | None = None, prefix: str = "base_model.model."
+    def peft_state_dict(self, row: torch.Tensor | None = None, prefix: str = PEFT_PREFIX
                         ) -> dict[str, torch.Tensor]:
-        """PEFT adapter weights (``<prefix><module>.lora_A.weight`` [r, in], ``lora_B.weight``
-        [out, r]) from ``row`` [P] (default theta)."""
-        row = (self.theta if row is None else row).detach()
-        out = {}
-        for s in self.slots:
-            a = row[s.a_slice].view(s.in_features, s.rank).T.contiguous()
-            b = row[s.b_slice].view(s.rank, s.out_features).T.contiguous()
-            out[f"{prefix}{s.name}.lora_A.weight"] = a.cpu()
-            out[f"{prefix}{s.name}.lora_B.weight"] = b.cpu()
-        return out
+        """PEFT adapter weights of ``row`` [P] (default theta); see ``peft_state_dict``."""
+        return peft_state_dict(self.theta if row is None else row, self.slots, prefix)
 
     def flat_from_peft(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The [P] flat vector of a PEFT adapter state dict (keys with or without the
-        ``base_model.model.`` prefix and the ``.default`` adapter name)."""
-        norm = {}
-        for k, v in state_dict.items():
-            k2 = k.replace(".default.weight", ".weight")
-            if k2.startswith("base_model.model."):
-                k2 = k2[len("base_model.model."):]
-            norm[k2] = v
-        flat = torch.empty(self.num_params, dtype=self.dtype)
-        for s in self.slots:
-            for part, shape, sl in (("lora_A", (s.rank, s.in_features), s.a_slice),
-                                    ("lora_B", (s.out_features, s.rank), s.b_slice)):
-                key = f"{s.name}.{part}.weight"
-                if key not in norm:
-                    raise KeyError(f"PEFT adapter has no tensor {key!r} (the bank adapts "
-                                   f"{len(self.slots)} modules; first keys of the adapter: "
-                                   f"{sorted(norm)[:4]})")
-                t = norm[key]
-                if tuple(t.shape) != shape:
-                    raise ValueError(f"PEFT adapter tensor {key!r} has shape {tuple(t.shape)}, "
-                                     f"the bank expects {shape} (rank {s.rank})")
-                flat[sl] = t.to(self.dtype).T.reshape(-1)
-        return flat.to(self.device)
+        """The [P] flat vector (on the bank's device) of a PEFT adapter state dict."""
+        return flat_from_peft(state_dict, self.slots, self.dtype).to(self.device)

@@ -91,13 +91,15 @@ def pack_tasks(tasks: Sequence[Sequence[Example]], pad_id: int, pad_to_multiple_
     L = max(len(ex.input_ids) for ex in seqs)
     L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
     N = len(seqs)
-    ids = torch.full((N, L), pad_id, dtype=torch.long)
-    am = torch.zeros((N, L), dtype=torch.long)
-    labels = torch.full((N, L), IGNORE_INDEX, dtype=torch.long)
+    # packed on the host whatever the default device (element by element writes), moved to
+    # the training device once with PackedBatch.to
+    ids = torch.full((N, L), pad_id, dtype=torch.long, device="cpu")
+    am = torch.zeros((N, L), dtype=torch.long, device="cpu")
+    labels = torch.full((N, L), IGNORE_INDEX, dtype=torch.long, device="cpu")
     for n, ex in enumerate(seqs):
         k = len(ex.input_ids)
-        row = torch.tensor(ex.input_ids, dtype=torch.long)
-        mask = torch.tensor(ex.loss_mask, dtype=torch.bool)
+        row = torch.tensor(ex.input_ids, dtype=torch.long, device="cpu")
+        mask = torch.tensor(ex.loss_mask, dtype=torch.bool, device="cpu")
         ids[n, :k] = row
         am[n, :k] = 1
         lab = torch.where(mask[1:], row[1:], torch.full_like(row[1:], IGNORE_INDEX))

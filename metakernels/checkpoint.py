@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 FILE = "checkpoint.safetensors"
 
 
@@ -62,8 +64,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a checkpoint directory or file."""
     from safetensors import SafetensorError, safe_open
 
-    from .cli import UserError
-
     path = Path(path)
     file = path / FILE if path.is_dir() else path
     if not file.is_file():
@@ -76,3 +76,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, json.JSONDecodeError) as e:
         raise UserError(f"{file}: not a readable checkpoint ({e}); give a checkpoint that "
                         f"python -m metakernels.train wrote") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its newest checkpoint), a checkpoint directory or file."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"{path}: the run has no complete checkpoint yet (one is written "
+                            f"every trainer.save_every steps and at the end)")
+        return ckpt
+    if path.exists():
+        return path
+    raise UserError(f"{path}: no such run directory or checkpoint; give a run directory "
+                    f"(runs/<experiment_name>) or one of its checkpoints/step_* directories")

@@ -17,30 +17,19 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A mistake in a command's input; the message names the setting and the fix."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a command reports as one line: UserError, ConfigError and DataError."""
-    from .config import ConfigError
-    from .data.loader import DataError
-
-    return (UserError, ConfigError, DataError)
+from .errors import EXIT_USER_ERROR, UserError
 
 
 def command(main: Callable[[Optional[Sequence[str]]], int]):
-    """Wraps a command's ``main(argv) -> int``: a user error prints ``error: <message>`` on
-    stderr and returns 2; every other exception propagates with its traceback."""
+    """Wraps a command's ``main(argv) -> int``: a user error (``UserError``, which
+    ``ConfigError`` and ``DataError`` are) prints ``error: <message>`` on stderr and returns 2;
+    every other exception propagates with its traceback."""
 
     @functools.wraps(main)
     def run(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return main(argv)
-        except user_errors() as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
 

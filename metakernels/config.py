@@ -3,6 +3,7 @@ is loaded. Unknown keys, wrong types and impossible values are rejected with the
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Any, Sequence, Union
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key."""
 
 
@@ -102,6 +105,9 @@ class TrainerConfig:
     # under torchrun: the frozen base's parameters sharded over the processes with FSDP2
     # (each holds 1/N of them), the tasks still split (metakernels/distributed.py)
     shard_base: bool = False
+    # under torchrun: seconds a process waits for the others in a collective before the run
+    # fails naming the process that did not come (metakernels/distributed.py)
+    collective_timeout_s: float = 600.0
     # held-out validation: every eval_every steps (and at the first and last), each held-out
     # task adapts from theta on eval_shots fixed support examples (eval_seeds draws) and is
     # scored on eval_query_size fixed query examples; 0 turns it off
@@ -300,7 +306,8 @@ def validate(cfg: Config) -> None:
                 "meta.meta_batch_size": me.meta_batch_size, "meta.inner_lr": me.inner_lr,
                 "meta.outer_lr": me.outer_lr, "trainer.total_steps": tr.total_steps,
                 "trainer.log_every": tr.log_every, "trainer.save_every": tr.save_every,
-                "trainer.eval_seeds": tr.eval_seeds, "trainer.eval_query_size": tr.eval_query_size}
+                "trainer.eval_seeds": tr.eval_seeds, "trainer.eval_query_size": tr.eval_query_size,
+                "trainer.collective_timeout_s": tr.collective_timeout_s}
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -330,6 +337,9 @@ def validate(cfg: Config) -> None:
     if m.gguf_file is not None and m.path is not None:
         raise ConfigError("model.path and model.gguf_file both set: give one (a Hugging Face "
                           "directory or a GGUF file)")
+    if not math.isfinite(tr.collective_timeout_s):
+        raise ConfigError(f"trainer.collective_timeout_s: must be a finite number of seconds, "
+                          f"got {tr.collective_timeout_s}")
     if not 0.0 <= m.lora_dropout < 1.0:
         raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {m.lora_dropout}")
     if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:

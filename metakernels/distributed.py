@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,24 +30,65 @@ from .cli import check_model_path
 from .config import Config, ConfigError
 
 
+# The group for the small host-side collectives (the config digest, the shard sizes, the
+# monitored barrier): None (the default group) when that is gloo, else a gloo group over all
+# processes made at init. NCCL takes only GPU tensors and has no monitored barrier, and these
+# values live on the host: on gloo they need no device copy and no stream synchronisation.
+_host_group = None
+# trainer.collective_timeout_s of this run, for the monitored barrier
+_timeout = timedelta(minutes=10)
+
+
 def init_from_env(cfg: Config) -> tuple[int, int]:
-    """Initialises torch.distributed from torchrun's environment; returns (rank, world_size)."""
+    """Initialises torch.distributed from torchrun's environment; returns (rank, world_size).
+
+    The default group has the training device's backend (gloo on the CPU, NCCL on GPUs) and
+    carries the per-step all-reduce of the meta-gradient where it lives, and FSDP2's
+    collectives; a gloo group carries the host-side collectives (``_host_group``). Every
+    collective gives up after ``trainer.collective_timeout_s``."""
+    global _host_group, _timeout
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        _timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
         backend = "nccl" if cfg.trainer.device.startswith("cuda") else "gloo"
         if cfg.trainer.device == "cuda":
             # One GPU per process, as torchrun numbers them on a node: "cuda" (the current
             # device) then names that GPU for the model, the bank, NCCL and the FSDP mesh;
             # otherwise every process would run on GPU 0, which NCCL refuses.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=_timeout)
+        _host_group = None if backend == "gloo" else dist.new_group(backend="gloo",
+                                                                    timeout=_timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
+class CollectiveTimeout(RuntimeError):
+    """A process did not reach a collective within ``trainer.collective_timeout_s``."""
+
+
+def wait_for_all() -> None:
+    """Returns when every process has reached this call; raises ``CollectiveTimeout`` naming
+    the processes that did not within ``trainer.collective_timeout_s`` (one frozen, stopped or
+    stuck). Rank 0 waits for each of the others and names every one missing; another rank
+    waits for rank 0's answer, so it names rank 0 (whose own error names the culprit)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.monitored_barrier(group=_host_group, timeout=_timeout, wait_all_ranks=True)
+    except RuntimeError as e:
+        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        who = (f"rank {missing.group(1).strip()}" if missing else
+               "rank 0" if dist.get_rank() != 0 else "another process")
+        raise CollectiveTimeout(
+            f"rank {dist.get_rank()}: {who} did not answer within trainer.collective_timeout_s="
+            f"{_timeout.total_seconds():g} s (a process frozen, stopped or stuck); if a process "
+            f"legitimately lags the others by more, raise trainer.collective_timeout_s") from e
+
+
 def shutdown(barrier: bool = False) -> None:
-    """Destroys the process group. ``barrier``: first wait for every process (where all of
+    """Destroys the process groups. ``barrier``: first wait for every process (where all of
     them end: the normal end of a run, or a stop on the all-reduced gradient; not after an error
     of one process, while the others may wait in another collective).
 
@@ -57,10 +100,21 @@ def shutdown(barrier: bool = False) -> None:
     (every rank but 0) exits fast enough to hit this. The barrier is queued behind the
     all-reduce, so the worker has dropped the all-reduce before the barrier returns, while the
     interpreter is alive; the barrier's own tensors are not Python's."""
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
+            if _host_group is not None:
+                dist.barrier(group=_host_group)
         dist.destroy_process_group()
+    _host_group = None
+
+
+def _host_max(values: list[float]) -> torch.Tensor:
+    """Elementwise max of ``values`` over the processes, on the host group (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device="cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    return t
 
 
 def check_same_config(cfg: Config, bank) -> None:
@@ -68,11 +122,9 @@ def check_same_config(cfg: Config, bank) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     blob = json.dumps(cfg.to_dict(), sort_keys=True) + f"|P={bank.num_params}"
-    digest = int(hashlib.sha256(blob.encode()).hexdigest()[:12], 16)
-    mine = torch.tensor([digest, -digest], dtype=torch.float64)
-    theirs = mine.clone()
-    dist.all_reduce(theirs, op=dist.ReduceOp.MAX)  # max of x and of -x: equal iff all agree
-    if theirs[0] != mine[0] or theirs[1] != mine[1]:
+    digest = float(int(hashlib.sha256(blob.encode()).hexdigest()[:12], 16))
+    theirs = _host_max([digest, -digest])  # max of x and of -x: equal iff all agree
+    if theirs[0] != digest or theirs[1] != -digest:
         raise ConfigError(f"rank {dist.get_rank()}: the processes were started with different "
                           f"configs (or models); every process must get the same config")
 
@@ -124,10 +176,8 @@ def shard_base(model: torch.nn.Module, cfg: Config, world_size: int) -> dict[str
         _fully_shard(model, world_size, next(model.parameters()).device.type)
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # global shapes
     local = local_param_bytes(model)
-    largest = torch.tensor([local], dtype=torch.float64)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     return {"param_bytes": total, "local_param_bytes": local,
-            "max_local_param_bytes": int(largest)}
+            "max_local_param_bytes": int(_host_max([local])[0])}
 
 
 def _fully_shard(model: torch.nn.Module, world_size: int, device_type: str) -> None:
@@ -204,7 +254,7 @@ def load_sharded_base(cfg: Config, world_size: int) -> torch.nn.Module:
     from torch.distributed.tensor import DTensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .train import DTYPES
+    from .build import DTYPES
 
     check_shardable(cfg, world_size)
     m = cfg.model
@@ -275,9 +325,11 @@ def local_param_bytes(model: torch.nn.Module) -> int:
 
 @dataclass
 class Reduced:
-    meta_grad: torch.Tensor            # [P], mean over the kept tasks of the whole meta-batch
+    meta_grad: torch.Tensor            # [P], mean over the kept tasks of the whole meta-batch,
+                                       # on the device of the step's meta-gradient
     num_kept: int
-    kept: torch.Tensor                 # [T] bool, all tasks of the meta-batch
+    kept: torch.Tensor                 # [T] bool, all tasks of the meta-batch (this and below
+                                       # on the host)
     query_losses: torch.Tensor         # [T]
     support_losses_first: torch.Tensor  # [T] support loss at theta (first inner step)
     support_losses_last: torch.Tensor   # [T] support loss at the last inner step
@@ -285,29 +337,37 @@ class Reduced:
 
 def reduce_step(res, first: int, num_tasks: int, world_size: int) -> Reduced:
     """Combines the ``StepResult`` of this process's tasks ``first:first+T_local`` with the other
-    processes' in one all-reduce."""
+    processes' in one all-reduce, on the device of the meta-gradient (no copy of the [P] buffer
+    to the host and back). The meta-gradient stays there; the kept count and the losses
+    (4 T + 1 values) come back to the host in one copy. Before the all-reduce every process waits
+    for the others at a monitored barrier (``wait_for_all``): a process that never comes is
+    named, where the all-reduce itself would wait without saying for whom (NCCL's watchdog
+    would abort the process)."""
+    dev = res.meta_grad.device
     T_loc = res.query_losses.numel()
     P = res.meta_grad.numel()
-    kept_loc = res.task_weights > 0
-    n_loc = int(kept_loc.sum())
+    kept_loc = (res.task_weights > 0).to(dev)
     hist = res.support_losses
     if hist.numel():
         s_first, s_last = hist[0], hist[-1]
     else:
-        s_first = s_last = torch.full((T_loc,), float("nan"))
+        s_first = s_last = torch.full((T_loc,), float("nan"), device=dev)
     T = num_tasks
-    buf = torch.zeros(P + 1 + 4 * T, dtype=torch.float32)
-    buf[:P] = res.meta_grad.detach().float().cpu() * n_loc
+    buf = torch.zeros(P + 1 + 4 * T, dtype=torch.float32, device=dev)
+    n_loc = kept_loc.sum()
+    buf[:P] = res.meta_grad.detach().float() * n_loc
     buf[P] = n_loc
     o = P + 1
     sl = slice(first, first + T_loc)
-    buf[o:o + T][sl] = res.query_losses.detach().float().cpu()
-    buf[o + T:o + 2 * T][sl] = s_first.float().cpu()
-    buf[o + 2 * T:o + 3 * T][sl] = s_last.float().cpu()
-    buf[o + 3 * T:o + 4 * T][sl] = kept_loc.float().cpu()
+    buf[o:o + T][sl] = res.query_losses.detach().float()
+    buf[o + T:o + 2 * T][sl] = s_first.detach().float()
+    buf[o + 2 * T:o + 3 * T][sl] = s_last.detach().float()
+    buf[o + 3 * T:o + 4 * T][sl] = kept_loc.float()
     if world_size > 1:
+        wait_for_all()
         dist.all_reduce(buf)
-    n = int(round(float(buf[P])))
-    meta_grad = buf[:P] / max(n, 1)
-    return Reduced(meta_grad.to(res.meta_grad.device), n, buf[o + 3 * T:o + 4 * T] > 0.5,
-                   buf[o:o + T], buf[o + T:o + 2 * T], buf[o + 2 * T:o + 3 * T])
+    tail = buf[P:].cpu()
+    n = int(round(float(tail[0])))
+    o = 1
+    return Reduced(buf[:P] / max(n, 1), n, tail[o + 3 * T:o + 4 * T] > 0.5,
+                   tail[o:o + T], tail[o + T:o + 2 * T], tail[o + 2 * T:o + 3 * T])

@@ -1,94 +1,41 @@
 """``python -m metakernels.export``: a checkpoint's theta as a PEFT LoRA adapter directory.
 
 The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``, which
-``PeftModel.from_pretrained(base_model, directory)`` loads. ``load_peft_adapter`` reads such a
-directory back (to start a run from an SFT adapter: ``model.init_adapter``).
+``PeftModel.from_pretrained(base_model, directory)`` loads (and ``model.init_adapter`` or
+``evaluate --baseline`` read back). The command prints which run and step it exported.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .bank import slots_from_meta
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .cli import UserError, check_output_dir, command
+from .peft_adapter import write_peft_adapter
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (its newest checkpoint), a checkpoint directory or file."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise UserError(f"{path}: the run has no complete checkpoint yet (one is written "
-                            f"every trainer.save_every steps and at the end)")
-        return ckpt
-    if path.exists():
-        return path
-    raise UserError(f"{path}: no such run directory or checkpoint; give a run directory "
-                    f"(runs/<experiment_name>) or one of its checkpoints/step_* directories")
-
-
-def peft_tensors(theta: torch.Tensor, slots, prefix: str = "base_model.model.") -> dict:
-    out = {}
-    off = 0
-    for name, fin, fout, r in slots:
-        a = theta[off:off + fin * r].view(fin, r).T.contiguous()
-        off += fin * r
-        b = theta[off:off + r * fout].view(r, fout).T.contiguous()
-        off += r * fout
-        out[f"{prefix}{name}.lora_A.weight"] = a
-        out[f"{prefix}{name}.lora_B.weight"] = b
-    if off != theta.numel():
-        raise ValueError(f"theta has {theta.numel()} values but the adapter layout covers {off}")
-    return out
-
-
-def write_peft_adapter(out_dir: str | Path, theta: torch.Tensor, slots, rank: int, alpha: float,
-                       base_model: str | None = None, fan_in_fan_out: bool = False) -> Path:
-    """Writes a PEFT LoRA adapter directory. ``slots``: (module name, in, out, rank) per module."""
-    from peft import LoraConfig
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                     target_modules=[s[0] for s in slots], fan_in_fan_out=fan_in_fan_out,
-                     base_model_name_or_path=base_model)
-    cfg.save_pretrained(str(out))
-    tmp = out / ".adapter_model.safetensors.tmp"
-    save_file(peft_tensors(theta.detach().float().cpu(), slots), str(tmp),
-              metadata={"format": "pt"})
-    os.replace(tmp, out / "adapter_model.safetensors")
-    return out
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path, dict]:
+    """Writes the adapter of ``checkpoint`` (a run directory: its newest checkpoint) to
+    ``out_dir``. Returns (the adapter directory, the checkpoint used, its metadata)."""
     ckpt = resolve_checkpoint(checkpoint)
     tensors, meta = load_checkpoint(ckpt)
-    if not {"config", "slots", "rank", "alpha"} <= meta.keys() or "theta" not in tensors:
-        raise UserError(f"{ckpt}: not a checkpoint of python -m metakernels.train (no adapter "
-                        f"layout in its metadata)")
+    if "config" not in meta or "theta" not in tensors:
+        raise UserError(f"{ckpt}: not a checkpoint of python -m metakernels.train (no config "
+                        f"or theta in it)")
+    slots, _, alpha = slots_from_meta(meta, ckpt)
+    theta = tensors["theta"]
+    if not bool(torch.isfinite(theta).all()):
+        raise UserError(f"{ckpt}: theta has non-finite values; give a checkpoint of a run "
+                        f"that did not diverge")
     model_cfg = meta["config"]["model"]
-    slots = [(n, fin, fout, meta["rank"]) for n, fin, fout in meta["slots"]]
-    return write_peft_adapter(out_dir, tensors["theta"], slots, meta["rank"], meta["alpha"],
-                              base_model=model_cfg.get("path"),
-                              fan_in_fan_out=model_cfg.get("family") == "gpt2"
-                              and model_cfg.get("path") is None)
-
-
-def load_peft_adapter(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a PEFT adapter directory (safetensors only: no pickle is loaded)."""
-    path = Path(path)
-    file = path / "adapter_model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no adapter_model.safetensors (only safetensors "
-                                f"adapters are loaded)")
-    return load_file(str(file))
+    out = write_peft_adapter(out_dir, theta, slots, alpha, base_model=model_cfg.get("path"),
+                             fan_in_fan_out=model_cfg.get("family") == "gpt2"
+                             and model_cfg.get("path") is None)
+    return out, ckpt, meta
 
 
 @command
@@ -99,12 +46,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_output_dir(args.output, "--output")
     try:
-        out = export_checkpoint(args.checkpoint, args.output)
+        out, ckpt, meta = export_checkpoint(args.checkpoint, args.output)
     except UserError as e:
         raise UserError(f"--checkpoint {e}") from None
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    print(f"wrote PEFT adapter (r={cfg['r']}, alpha={cfg['lora_alpha']}, "
-          f"{len(cfg['target_modules'])} modules) to {out}")
+    slots, rank, alpha = slots_from_meta(meta, ckpt)
+    run = meta.get("run_id", "unknown")
+    print(f"wrote PEFT adapter (r={rank}, alpha={alpha:g}, {len(slots)} modules) of "
+          f"{ckpt} (step {meta.get('step', '?')}, run {run}) to {out}")
     return 0
 
 

@@ -6,31 +6,27 @@ layer that uses it.
 ``blas``    ATen's ``mm`` (MKL's sgemm in PyTorch's x86 builds).
 
 Why: MKL runs its AVX2 code on AMD processors even where they have AVX-512, while oneDNN picks
-its kernels by the instruction sets the CPU reports. On the 2-core AMD EPYC (AVX-512) of the
-README's tables oneDNN's matmul runs the base's [1024, 512] x [512, 1376] products at about
-450 GFLOP/s against MKL's 200 (``python3 bench/ops.py --op multi_lora_linear`` compares the
-providers ``cpu`` and ``cpu-blas``). Both compute in fp32 (no reduced-precision mode); their
-results differ by rounding (sums in another order).
+its kernels by the instruction sets the CPU reports (``python3 bench/ops.py --op
+multi_lora_linear`` compares the providers ``cpu`` and ``cpu-blas``; docs/performance.md has the
+rates). Both compute in fp32 (no reduced-precision mode); their results differ by rounding (sums
+in another order).
 
 The choice applies to float32 CPU tensors under the cpu backend (``metakernels.backend``): the
 base GEMMs of ``multi_lora_linear``, the output layer in ``segment_cross_entropy`` and the frozen
 ``nn.Linear`` layers that ``metakernels.fused.apply_fused_layers`` switches to ``frozen_linear``.
-The torch backend (the reference) always runs ATen's GEMMs. ``METAKERNELS_GEMM=onednn|blas``
-forces one library; ``use_gemm`` does so inside a block.
+The torch backend (the reference) always runs ATen's GEMMs. It is the kernel choice ``gemm`` of
+``metakernels.backend``: ``METAKERNELS_GEMM=onednn|blas``, ``backend.configure(gemm=...)`` or
+``use_gemm`` inside a block forces one library.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from . import backend
 
-GEMMS = ("onednn", "blas")
-ENV_VAR = "METAKERNELS_GEMM"
-
-_override: list[str] = []
+GEMMS = backend.CHOICES["gemm"][0]
+ENV_VAR = backend.CHOICES["gemm"][1]
 
 
 def onednn_available() -> bool:
@@ -39,8 +35,8 @@ def onednn_available() -> bool:
 
 def gemm_library() -> str:
     """The library the cpu backend's frozen fp32 GEMMs run on (see the module docstring)."""
-    name = _override[-1] if _override else os.environ.get(ENV_VAR, "").strip()
-    if not name:
+    name = backend.choice("gemm")
+    if name is None:
         return "onednn" if onednn_available() else "blas"
     if name not in GEMMS:
         raise ValueError(f"{ENV_VAR}={name!r} is not a GEMM library; choose one of {GEMMS}")
@@ -52,7 +48,7 @@ def gemm_library() -> str:
 
 def use_gemm(name: str):
     """Forces GEMM library ``name`` inside the block."""
-    return backend.override_scope(_override, name, GEMMS, "GEMM library")
+    return backend.override_scope(backend._scoped["gemm"], name, GEMMS, "GEMM library")
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:
@@ -78,10 +74,10 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        (W,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
         with torch.profiler.record_function("metakernels::frozen_linear.backward"):
+            (W,) = ctx.saved_tensors
+            if not ctx.needs_input_grad[0]:
+                return None, None, None
             if torch.is_grad_enabled():   # a double backward: differentiable ops
                 return dy @ W, None, None
             return onednn_linear(dy, W.t()), None, None

@@ -97,9 +97,10 @@ class TaskLayout:
         device = torch.device(device)
         key = ("task_ids", str(device))
         if key not in self._cache:
-            sizes = torch.tensor(self.sizes, dtype=torch.int64)
-            ids = torch.repeat_interleave(torch.arange(self.num_tasks), sizes)
-            self._cache[key] = ids.to(device=device, dtype=torch.int32)
+            sizes = torch.tensor(self.sizes, dtype=torch.int64, device=device)
+            tasks = torch.arange(self.num_tasks, dtype=torch.int32, device=device)
+            # output_size: no read-back of the sizes from the device
+            self._cache[key] = torch.repeat_interleave(tasks, sizes, output_size=sum(self.sizes))
         return self._cache[key]
 
     def __repr__(self) -> str:

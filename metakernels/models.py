@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError, command
+from .cli import command
+from .errors import UserError
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 128, hidden_size: int = 64,

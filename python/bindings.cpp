@@ -68,11 +68,11 @@ TORCH_LIBRARY(metakernels, m) {
   m.set_python_module("metakernels.ops._fake");
   m.def(
       "multi_lora_linear_fwd(Tensor x, Tensor? W, Tensor? b, Tensor A, Tensor B, Tensor offsets, "
-      "float scale, bool onednn=False) -> (Tensor, Tensor)");
+      "float scale, bool onednn=False, bool per_task=True) -> (Tensor, Tensor)");
   m.def(
       "multi_lora_linear_bwd(Tensor dy, Tensor x, Tensor? W, Tensor A, Tensor B, Tensor xa, "
       "Tensor offsets, float scale, Tensor(a!) dA, Tensor(b!) dB, bool need_dx, "
-      "bool onednn=False) -> Tensor");
+      "bool onednn=False, bool per_task=True) -> Tensor");
   m.def(
       "fused_sgd_(Tensor(a!) fast, Tensor grad, Tensor lr, float max_grad_norm, "
       "float weight_decay) -> (Tensor, Tensor)");

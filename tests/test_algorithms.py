@@ -12,7 +12,7 @@ from metakernels.meta.chunked import chunked_step
 from metakernels.fused import apply_fused_layers
 from metakernels.models import build_tiny_model
 
-from conftest import random_batch
+from conftest import MODEL_TOL, random_batch
 
 
 def rel_err(a, b):
@@ -39,8 +39,8 @@ def test_maml_batched_equals_per_task_loop():
     cfg = InnerConfig(lr=0.1, num_steps=2, optimizer="sgd", max_grad_norm=3.0)
     got = maml_step(model, bank, support, query, cfg)
     want = maml_step_per_task(model, bank, support, query, cfg)
-    assert rel_err(got.meta_grad, want.meta_grad) < 1e-5
-    torch.testing.assert_close(got.query_losses, want.query_losses, rtol=1e-5, atol=1e-6)
+    assert rel_err(got.meta_grad, want.meta_grad) < MODEL_TOL["rtol"]
+    torch.testing.assert_close(got.query_losses, want.query_losses, **MODEL_TOL)
 
 
 def test_maml_through_fused_layers_equals_maml_through_the_library_layers():
@@ -54,7 +54,7 @@ def test_maml_through_fused_layers_equals_maml_through_the_library_layers():
     cfg = InnerConfig(lr=0.3, num_steps=2, optimizer="sgd")
     got = maml_step(fused, bank_f, support, query, cfg)
     want = maml_step(plain, bank_p, support, query, cfg)
-    assert rel_err(got.meta_grad, want.meta_grad) < 1e-5
+    assert rel_err(got.meta_grad, want.meta_grad) < MODEL_TOL["rtol"]
     fo = maml_step(fused, bank_f, support, query, cfg, first_order=True)
     assert rel_err(fo.meta_grad, want.meta_grad) > 1e-3   # second-order terms present
 
@@ -93,7 +93,7 @@ def test_first_order_maml_equals_fomaml():
     cfg = InnerConfig(lr=0.1, num_steps=2, optimizer="sgd")
     fo = maml_step(model, bank, support, query, cfg, first_order=True)
     want = fomaml_step(model, bank, support, query, cfg)
-    assert rel_err(fo.meta_grad, want.meta_grad) < 1e-5
+    assert rel_err(fo.meta_grad, want.meta_grad) < MODEL_TOL["rtol"]
 
 
 def test_multitask_step_equals_peft_sft_on_the_mixture():
@@ -104,7 +104,7 @@ def test_multitask_step_equals_peft_sft_on_the_mixture():
     io = PeftAdapterIO(peft_model, bank.slots)
     io.load(bank.theta.detach())
     causal_lm_loss(peft_model, mixture(support, query)).backward()
-    assert rel_err(got.meta_grad, io.flat_grad(bank.num_params)) < 1e-5
+    assert rel_err(got.meta_grad, io.flat_grad(bank.num_params)) < MODEL_TOL["rtol"]
 
 
 def test_chunked_step_equals_unchunked():
@@ -115,5 +115,5 @@ def test_chunked_step_equals_unchunked():
     for algo, step in (("fomaml", fomaml_step), ("reptile", reptile_step)):
         want = step(model, bank, support, query, cfg)
         got = chunked_step(algo, model, bank, support, query, cfg, chunk=2)
-        assert rel_err(got.meta_grad, want.meta_grad) < 1e-5
-        torch.testing.assert_close(got.query_losses, want.query_losses, rtol=1e-5, atol=1e-6)
+        assert rel_err(got.meta_grad, want.meta_grad) < MODEL_TOL["rtol"]
+        torch.testing.assert_close(got.query_losses, want.query_losses, **MODEL_TOL)

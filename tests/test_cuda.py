@@ -6,7 +6,7 @@ Skipped without a CUDA device. With one, the kernels must be compiled, not inter
 ``TRITON_INTERPRET=0 pytest tests/test_cuda.py`` (a session that interprets fails here rather
 than pass without testing the GPU code).
 
-Tolerances follow ``tests/test_triton_ops.py`` (flash-attention style): the kernel may err at
+Tolerances follow ``conftest.assert_close_like_torch`` (flash-attention style): the kernel may err at
 most twice as much as plain PyTorch at the same dtype does against a high-precision oracle,
 plus an fp32 floor. For the meta-steps the "plain PyTorch at the same dtype" is the per-task
 PEFT loop itself and the oracle the same loop in fp64 on the same (dtype-rounded) weights.
@@ -30,7 +30,7 @@ from metakernels.ops import (AdamState, fused_update, fused_update_ref, meta_red
                              segment_cross_entropy, segment_cross_entropy_ref)
 
 from conftest import random_batch  # noqa: E402
-from test_triton_ops import assert_close_like_torch, mll_fp64_oracle  # noqa: E402
+from conftest import assert_close, assert_close_like_torch, mll_fp64_oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -185,12 +185,12 @@ def check_fused_update(device, optimizer, weight_decay, seed, T=6, P=70001):
         norms, finite = fused_update(fast, grad, lr, state=state, **kw)
     norms_ref, finite_ref = fused_update_ref(fast_ref, grad, lr, state=state_ref, **kw)
     assert torch.equal(finite, finite_ref) and not finite[1] and finite[2]
-    torch.testing.assert_close(norms, norms_ref, equal_nan=True)
-    torch.testing.assert_close(fast, fast_ref)
+    assert_close(norms, norms_ref, reduction=P, equal_nan=True)
+    assert_close(fast, fast_ref, reduction=P)
     assert torch.equal(fast[1], fast_ref[1])
     if state is not None:
-        torch.testing.assert_close(state.exp_avg, state_ref.exp_avg)
-        torch.testing.assert_close(state.exp_avg_sq, state_ref.exp_avg_sq)
+        assert_close(state.exp_avg, state_ref.exp_avg, reduction=P)
+        assert_close(state.exp_avg_sq, state_ref.exp_avg_sq, reduction=P)
         assert torch.equal(state.step, state_ref.step)
 
 
@@ -255,8 +255,8 @@ def check_meta_step(device, dtype, algorithm, inner):
     want = _naive(naive_base, bank, theta0, support, query, cfg, algorithm)
     oracle = _naive(oracle_base, bank, theta0, support, query, cfg, algorithm)
     floor = 1e-5  # the CPU invariant's fp32 bound (tests/test_invariant.py)
-    err, budget = _rel_err(got.meta_grad.cpu(), oracle.meta_grad), _rel_err(want.meta_grad,
-                                                                           oracle.meta_grad)
+    err, budget = _rel_err(got.meta_grad, oracle.meta_grad), _rel_err(want.meta_grad,
+                                                                   oracle.meta_grad)
     assert err <= 2 * budget + floor, f"meta-gradient: rel. error {err:.3g}, PEFT's {budget:.3g}"
     for name in ("support_losses", "query_losses"):
         g, w, o = (getattr(r, name).cpu().double() for r in (got, want, oracle))

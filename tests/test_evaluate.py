@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from metakernels import evaluate as ev
+from metakernels import adapt, evaluate as ev, few_shot
+from metakernels.batch import pack_tasks
 from metakernels.export import export_checkpoint
 from metakernels.lora import MultiLoraLinear
 from metakernels.meta.common import InnerConfig
+
+from conftest import MODEL_TOL
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "model.num_kv_heads=1", "model.intermediate_size=64", "model.lora_rank=4",
@@ -41,18 +44,18 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(run_dir):
-    return ev.load_setup(run_dir)
+    return few_shot.load_setup(run_dir)
 
 
 @pytest.fixture(scope="module")
 def eval_tasks(setup):
-    raw = ev.load_eval_tasks("builtin-heldout", setup.cfg, setup.tokenizer, TASKS)
-    return ev.build_eval_tasks(raw, setup.tokenizer, setup.cfg, n_query=4, max_shots=3, seeds=2,
+    raw = few_shot.load_eval_tasks("builtin-heldout", setup.cfg, setup.tokenizer, TASKS)
+    return adapt.build_eval_tasks(raw, setup.tokenizer, setup.cfg, n_query=4, max_shots=3, seeds=2,
                                data_seed=0)
 
 
 def test_cli_outputs_well_formed(run_dir, tmp_path):
-    peft_dir = export_checkpoint(run_dir, tmp_path / "peft")
+    peft_dir, _, _ = export_checkpoint(run_dir, tmp_path / "peft")
     out = tmp_path / "eval"
     rc = ev.main(["--checkpoint", str(run_dir), "--tasks", *TASKS, "--n-shots", "0", "2",
                   "--seeds", "2", "--n-query", "4", "--output-dir", str(out),
@@ -68,7 +71,7 @@ def test_cli_outputs_well_formed(run_dir, tmp_path):
     for name, c in res["contenders"].items():
         for n, entry in c["n_shots"].items():
             assert entry["diverged_rows"] == 0
-            for m in ev.METRICS:
+            for m in few_shot.METRICS:
                 s = entry["summary"][m]
                 for part in ("mean_over_tasks", "worst_task"):
                     assert math.isfinite(s[part]["mean"]) and math.isfinite(s[part]["std"])
@@ -81,23 +84,22 @@ def test_cli_outputs_well_formed(run_dir, tmp_path):
             if n == "0":  # nothing depends on the seed without adaptation
                 assert entry["summary"]["loss"]["mean_over_tasks"]["std"] == 0
     # lora-init has B = 0: at n = 0 it is the base model
-    for m in ev.METRICS:
+    for m in few_shot.METRICS:
         a = res["contenders"]["lora-init"]["n_shots"]["0"]["per_task"]
         b = res["contenders"]["base"]["n_shots"]["0"]["per_task"]
         for t in TASKS:
-            np.testing.assert_allclose(a[t][m], b[t][m], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a[t][m], b[t][m], **MODEL_TOL)
     # the checkpoint exported to PEFT and read back is the same contender
     for n in ("0", "2"):
         for t in TASKS:
-            for m in ev.METRICS:
+            for m in few_shot.METRICS:
                 np.testing.assert_allclose(
                     res["contenders"]["exported"]["n_shots"][n]["per_task"][t][m],
-                    res["contenders"]["meta"]["n_shots"][n]["per_task"][t][m], rtol=1e-5,
-                    atol=1e-6)
+                    res["contenders"]["meta"]["n_shots"][n]["per_task"][t][m], **MODEL_TOL)
     assert set(res["comparisons"]) == {"meta vs lora-init", "exported vs lora-init",
                                        "meta vs exported"}
     comp = res["comparisons"]["meta vs lora-init"]
-    assert set(comp) == {"0", "2"} and set(comp["2"]) == set(ev.METRICS)
+    assert set(comp) == {"0", "2"} and set(comp["2"]) == set(few_shot.METRICS)
     # meta and exported are the same adapter: no difference, on any task
     same = res["comparisons"]["meta vs exported"]["2"]["loss"]
     assert abs(same["diff_mean"]) < 1e-5 and same["tasks_better"] == 0
@@ -113,17 +115,17 @@ def test_batched_adaptation_equals_per_task(setup, eval_tasks, optimizer):
     n = 2
     rows = [(i, s) for i in range(len(eval_tasks)) for s in range(2)]
     supports = [eval_tasks[i].support[s][:n] for i, s in rows]
-    fast, alive = ev.adapt_rows(setup.model, setup.bank, theta, supports, inner, pad)
+    fast, alive = adapt.adapt_rows(setup.model, setup.bank, theta, supports, inner, pad)
     assert fast.shape == (len(rows), setup.bank.num_params) and alive.all()
     assert not torch.allclose(fast[0], theta)  # it did adapt
-    query = ev.pack_tasks([eval_tasks[i].query for i, _ in rows], pad)
-    losses, accs = ev.query_metrics(setup.model, setup.bank, fast, query)
+    query = pack_tasks([eval_tasks[i].query for i, _ in rows], pad)
+    losses, accs = adapt.query_metrics(setup.model, setup.bank, fast, query)
     for r, (i, s) in enumerate(rows):
-        one, _ = ev.adapt_rows(setup.model, setup.bank, theta, [supports[r]], inner, pad)
-        torch.testing.assert_close(fast[r:r + 1], one, rtol=1e-5, atol=1e-6)
-        l1, a1 = ev.query_metrics(setup.model, setup.bank, one,
-                                  ev.pack_tasks([eval_tasks[i].query], pad))
-        torch.testing.assert_close(losses[r:r + 1], l1, rtol=1e-5, atol=1e-6)
+        one, _ = adapt.adapt_rows(setup.model, setup.bank, theta, [supports[r]], inner, pad)
+        torch.testing.assert_close(fast[r:r + 1], one, **MODEL_TOL)
+        l1, a1 = adapt.query_metrics(setup.model, setup.bank, one,
+                                     pack_tasks([eval_tasks[i].query], pad))
+        torch.testing.assert_close(losses[r:r + 1], l1, **MODEL_TOL)
         torch.testing.assert_close(accs[r:r + 1], a1)
     # the loss and accuracy against the plain logits of the model
     q0 = query.select(0, 1)
@@ -134,13 +136,13 @@ def test_batched_adaptation_equals_per_task(setup, eval_tasks, optimizer):
     flat = logits.reshape(-1, logits.shape[-1])
     ref_loss = torch.nn.functional.cross_entropy(flat[keep], lab[keep])
     ref_acc = (flat[keep].argmax(-1) == lab[keep]).float().mean()
-    torch.testing.assert_close(losses[0], ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], ref_loss, **MODEL_TOL)
     torch.testing.assert_close(accs[0], ref_acc)
 
 
 def test_exact_match_on_decoded_text(setup):
     tok = setup.tokenizer
-    stop = ev.stop_token_ids(tok, setup.model)
+    stop = adapt.stop_token_ids(tok, setup.model)
     eos = tok.eos_token_id
 
     def ids(text):
@@ -148,14 +150,14 @@ def test_exact_match_on_decoded_text(setup):
 
     # different token sequences, same text up to surrounding whitespace; tokens after EOS ignored
     assert ids(" abc\n") != ids("abc")
-    assert ev.exact_match(tok, ids(" abc\n") + [eos] + ids("zz"), "abc", stop)
-    assert ev.exact_match(tok, ids("abc") + [eos], " abc ", stop)
-    assert ev.exact_match(tok, [tok.bos_token_id] + ids("abc"), "abc", stop)  # special: no text
-    assert ev.exact_match(tok, ids("abc"), "abc", stop)  # no EOS produced: all tokens count
-    assert not ev.exact_match(tok, ids("abd") + [eos], "abc", stop)
-    assert not ev.exact_match(tok, ids("ab c") + [eos], "abc", stop)  # inner whitespace counts
-    assert not ev.exact_match(tok, ids("abcd"), "abc", stop)
-    assert not ev.exact_match(tok, [eos] + ids("abc"), "abc", stop)
+    assert adapt.exact_match(tok, ids(" abc\n") + [eos] + ids("zz"), "abc", stop)
+    assert adapt.exact_match(tok, ids("abc") + [eos], " abc ", stop)
+    assert adapt.exact_match(tok, [tok.bos_token_id] + ids("abc"), "abc", stop)  # special: no text
+    assert adapt.exact_match(tok, ids("abc"), "abc", stop)  # no EOS produced: all tokens count
+    assert not adapt.exact_match(tok, ids("abd") + [eos], "abc", stop)
+    assert not adapt.exact_match(tok, ids("ab c") + [eos], "abc", stop)  # inner whitespace counts
+    assert not adapt.exact_match(tok, ids("abcd"), "abc", stop)
+    assert not adapt.exact_match(tok, [eos] + ids("abc"), "abc", stop)
 
 
 def test_references_are_the_responses(setup, eval_tasks):
@@ -182,21 +184,21 @@ def test_greedy_generation_matches_model_generate(setup, eval_tasks):
     assert len({len(p) for p in prompts}) > 1  # padding is exercised
     max_new = 12
     # the bare base against transformers' own greedy decoding
-    ours = ev.greedy_generate(model, bank, None, prompts, [len(prompts)], max_new, stop,
+    ours = adapt.greedy_generate(model, bank, None, prompts, [len(prompts)], max_new, stop,
                               tok.pad_token_id)
     for p, g in zip(prompts, ours):
         assert g == _hf_greedy(model, p, max_new, tok)
     # adapter rows: each row alone gives what the batch gives, and equals model.generate on
     # a copy of the base with that row's LoRA merged into the weights
     inner = InnerConfig(lr=setup.cfg.meta.inner_lr, num_steps=3)
-    fast, _ = ev.adapt_rows(model, bank, setup.theta, [t.support[0][:3] for t in eval_tasks],
+    fast, _ = adapt.adapt_rows(model, bank, setup.theta, [t.support[0][:3] for t in eval_tasks],
                             inner, tok.pad_token_id)
     sizes = [len(t.prompts) for t in eval_tasks]
-    batched = ev.greedy_generate(model, bank, fast, prompts, sizes, max_new, stop,
+    batched = adapt.greedy_generate(model, bank, fast, prompts, sizes, max_new, stop,
                                  tok.pad_token_id)
     k = 0
     for r, t in enumerate(eval_tasks):
-        alone = ev.greedy_generate(model, bank, fast[r:r + 1], t.prompts, [len(t.prompts)],
+        alone = adapt.greedy_generate(model, bank, fast[r:r + 1], t.prompts, [len(t.prompts)],
                                    max_new, stop, tok.pad_token_id)
         assert alone == batched[k:k + len(t.prompts)]
         merged = copy.deepcopy(model)
@@ -229,7 +231,7 @@ def test_single_task_fit_probe_lowers_the_query_loss(run_dir, capsys):
 
 
 def test_eval_tasks_follow_the_checkpoints_suite(setup):
-    names = lambda spec, cfg=setup.cfg: [t.name for t in ev.load_eval_tasks(
+    names = lambda spec, cfg=setup.cfg: [t.name for t in few_shot.load_eval_tasks(
         spec, cfg, setup.tokenizer)]
     assert "caesar_5" in names("builtin-heldout")          # the run trained on builtin:families
     assert len(names("builtin-train")) == 37
@@ -244,9 +246,9 @@ def test_eval_tasks_follow_the_checkpoints_suite(setup):
 def test_baseline_trained_on_other_data_or_steps_is_flagged(run_dir, setup, tmp_path, recwarn):
     from metakernels.train import main as train_main
 
-    ev.load_baseline("same", run_dir, setup)
+    few_shot.load_baseline("same", run_dir, setup)
     assert not [w for w in recwarn if "same data" in str(w.message)]
     assert train_main(["trainer.total_steps=2", f"trainer.output_dir={tmp_path}", *TINY]) == 0
     with pytest.warns(UserWarning, match=r"not trained on the same data for the same steps: "
                                          r"trainer.total_steps=2 \(the checkpoint: 3\)"):
-        ev.load_baseline("short", tmp_path / "default", setup)
+        few_shot.load_baseline("short", tmp_path / "default", setup)

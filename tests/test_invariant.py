@@ -11,7 +11,7 @@ from metakernels.meta import InnerConfig, PeftAdapterIO, fomaml_step, make_peft_
 from metakernels.meta import reptile_step
 from metakernels.models import build_tiny_model
 
-from conftest import random_batch
+from conftest import MODEL_TOL, random_batch
 
 BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
 
@@ -65,10 +65,11 @@ def test_batched_step_equals_per_task_loop(backend_name, inner, algorithm):
         step = fomaml_step if algorithm == "fomaml" else reptile_step
         got = step(model, bank, support, query, cfg)
     want = naive_step(peft_model, io, theta0, support, query, cfg, algorithm=algorithm)
-    assert rel_err(got.meta_grad, want.meta_grad) < 1e-5
-    assert torch.allclose(got.support_losses, want.support_losses, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(got.query_losses, want.query_losses, rtol=1e-5, atol=1e-6)
-    assert rel_err(_outer(theta0, got.meta_grad), _outer(theta0, want.meta_grad)) < 1e-5
+    assert rel_err(got.meta_grad, want.meta_grad) < MODEL_TOL["rtol"]
+    assert torch.allclose(got.support_losses, want.support_losses, **MODEL_TOL)
+    assert torch.allclose(got.query_losses, want.query_losses, **MODEL_TOL)
+    assert (rel_err(_outer(theta0, got.meta_grad), _outer(theta0, want.meta_grad))
+            < MODEL_TOL["rtol"])
     # the inner loop moved every task, and differently
     assert not torch.allclose(bank.fast[0].detach(), bank.fast[1].detach())
 

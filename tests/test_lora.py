@@ -10,6 +10,8 @@ from metakernels.meta import make_peft_model
 from metakernels.meta.naive import PeftAdapterIO
 from metakernels.models import build_tiny_model
 
+from conftest import MODEL_TOL
+
 BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
 FAMILIES = {"llama": ["q_proj", "v_proj"], "qwen2": "all-linear", "mistral": ["o_proj", "down_proj"],
             "gpt2": ["c_attn", "c_proj", "c_fc"]}
@@ -38,7 +40,7 @@ def test_inject_matches_peft(family, backend_name):
                                                               TaskLayout((0, 27))):
             got = base(input_ids=ids).logits
         plain = base(input_ids=ids).logits  # adapters off: the frozen base alone
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **MODEL_TOL)
     assert not torch.allclose(plain, want, atol=1e-3)
 
 
@@ -81,4 +83,4 @@ def test_multitask_rows_use_their_own_adapter():
             if e > s:
                 with bank.activate(weights[t:t + 1], TaskLayout((0, (e - s) * 7))):
                     alone = base(input_ids=ids[s:e]).logits
-                torch.testing.assert_close(together[s:e], alone, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(together[s:e], alone, **MODEL_TOL)

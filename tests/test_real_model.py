@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from metakernels import backend
-from metakernels.cli import UserError
+from metakernels.errors import UserError
 from metakernels.config import ConfigError, load_config
 from metakernels.fused import apply_fused_layers
 from metakernels.lora import inject

@@ -5,10 +5,13 @@ import os
 import pytest
 import torch
 
-from metakernels import train
+from metakernels import build, train
+from metakernels import trainer as trainer_module
 from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.config import ConfigError, load_config
 from metakernels.export import export_checkpoint
+
+from conftest import MODEL_TOL
 
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
          "meta.meta_batch_size=3", "data.support_size=2", "data.query_size=2",
@@ -38,16 +41,15 @@ def test_bad_config_is_rejected_with_the_key(bad, match):
         load_config(None, [bad])
 
 
-def test_kernel_choices_reach_the_environment(monkeypatch):
+def test_kernel_choices_are_set_for_the_process(monkeypatch):
     from metakernels import backend, gemm
-    for var in (gemm.ENV_VAR, backend.ENV_VAR):   # recorded, so that teardown restores them
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    train.set_kernel_choices(load_config(None, []))
+    for var in (gemm.ENV_VAR, backend.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    build.set_kernel_choices(load_config(None, ["trainer.gemm=blas", "trainer.backend=torch"]))
+    assert gemm.gemm_library() == "blas" and backend.forced() == "torch"
     assert gemm.ENV_VAR not in os.environ and backend.ENV_VAR not in os.environ
-    train.set_kernel_choices(load_config(None, ["trainer.gemm=blas", "trainer.backend=torch"]))
-    assert os.environ[gemm.ENV_VAR] == "blas" and gemm.gemm_library() == "blas"
-    assert os.environ[backend.ENV_VAR] == "torch"
+    build.set_kernel_choices(load_config(None, []))   # auto: the automatic choices again
+    assert backend.forced() is None and backend.choice("gemm") is None
 
 
 def test_config_file_and_aliases(tmp_path):
@@ -62,7 +64,7 @@ def test_config_file_and_aliases(tmp_path):
 
 
 def test_too_many_tasks_per_meta_batch_is_rejected_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("model was loaded"))
+    monkeypatch.setattr(trainer_module, "build_model", lambda *a: pytest.fail("model was loaded"))
     with pytest.raises(ConfigError, match="meta_batch_size=500 but only"):
         train.Trainer(load_config(None, SMALL + ["meta.meta_batch_size=500",
                                                  f"trainer.output_dir={tmp_path}"]))
@@ -95,10 +97,10 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
     from peft import PeftModel
 
     run = _run(tmp_path, "trainer.total_steps=2", "model.target_modules=all-linear")
-    out = export_checkpoint(run, tmp_path / "adapter")
+    out, _, _ = export_checkpoint(run, tmp_path / "adapter")
     cfg = load_config(run / "config.yaml")
-    tok = train.build_tokenizer(cfg)
-    peft_model = PeftModel.from_pretrained(train.build_model(cfg, len(tok)), str(out))
+    tok = build.build_tokenizer(cfg)
+    peft_model = PeftModel.from_pretrained(build.build_model(cfg, len(tok)), str(out))
     t = train.Trainer(cfg)
     assert t.resume()
     ids = torch.randint(0, len(tok), (2, 9))
@@ -108,7 +110,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
             ours = t.model(input_ids=ids).logits
         theirs = peft_model(input_ids=ids).logits
         bare = t.model(input_ids=ids).logits
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, **MODEL_TOL)
     assert not torch.allclose(bare, theirs, atol=1e-4)  # the adapter is really non-trivial
 
 
@@ -139,7 +141,7 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
 
 
 def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alone(tmp_path):
-    from metakernels import evaluate as ev
+    from metakernels import adapt, few_shot as ev
 
     args = SMALL + [f"trainer.output_dir={tmp_path}", "trainer.total_steps=2",
                     "trainer.eval_shots=3", "trainer.eval_seeds=2", "trainer.eval_query_size=5"]
@@ -152,11 +154,12 @@ def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alo
     setup = ev.Setup(t.cfg, t.tokenizer, t.model, t.bank, theta)
     settings = ev.EvalSettings([3], 2, t.inner, max_new_tokens=6)
     r = ev.evaluate_contender(setup, ev.Contender("meta", theta, ""), t.val_tasks, 3, settings,
-                              ev.stop_token_ids(t.tokenizer))
-    assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()), rel=1e-5)
+                              adapt.stop_token_ids(t.tokenizer))
+    assert val["val/loss"] == pytest.approx(float(r["values"]["loss"].mean()),
+                                            rel=MODEL_TOL["rtol"])
     assert val["val/token_accuracy"] == pytest.approx(
-        float(r["values"]["token_accuracy"].mean()), rel=1e-5)
-    assert [x.name for x in t.val_tasks] == [x.name for x in train.build_tasks(
+        float(r["values"]["token_accuracy"].mean()), rel=MODEL_TOL["rtol"])
+    assert [x.name for x in t.val_tasks] == [x.name for x in build.build_tasks(
         t.cfg, t.tokenizer, "heldout")]
     # validating every step changes nothing in what training computes
     t.train_step()
@@ -169,9 +172,9 @@ def test_validation_is_the_evaluators_adapted_query_loss_and_leaves_training_alo
 
 def test_builtin_suite_is_chosen_by_name():
     cfg = load_config(None, ["data.tasks=builtin:order_suffix"])
-    tok = train.build_tokenizer(cfg)
-    assert len(train.build_tasks(cfg, tok)) == 40
-    assert len(train.build_tasks(cfg, tok, "heldout")) == 12
+    tok = build.build_tokenizer(cfg)
+    assert len(build.build_tasks(cfg, tok)) == 40
+    assert len(build.build_tasks(cfg, tok, "heldout")) == 12
     with pytest.raises(ConfigError, match="data.tasks: unknown built-in suite 'builtin:nope'"):
         load_config(None, ["data.tasks=builtin:nope"])
 

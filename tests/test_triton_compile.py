@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for the GPUs it is meant for, on a machine without one.
 
-The interpreter (``tests/test_triton_ops.py``) checks what the kernels compute, but it neither
+The interpreter (``tests/ops/``) checks what the kernels compute, but it neither
 type-checks like the compiler nor says whether a bf16 product reaches the tensor cores. Here
 each variant a launcher can choose (``launch_configs()`` of every module in
 ``metakernels/ops/_triton``: kernels x dtypes x constexprs x num_warps/num_stages) is compiled

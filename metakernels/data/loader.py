@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..batch import Example
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ TRUNCATION_MODES = ("error", "left", "right")
 MANIFEST = "manifest.json"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A task file or row that cannot be used; the message says where and why."""
 
 

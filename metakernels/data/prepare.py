@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import EXIT_USER_ERROR
+from ..cli import check_output_dir, command
 from .loader import (FORMATS, MANIFEST, DataError, atomic_path, read_rows, row_texts,
                      write_task_file)
 
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 2 bad input: one ``error: ...`` line
     naming the file, row or key, as the other commands report theirs; 1 a failed
@@ -289,15 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     defaults = TaskSource("", Path(), args.support_size, args.query_size, args.support_ratio,
                           args.query_ratio, args.max_samples)
-    try:
-        sources = (load_task_config(args.task_config) if args.task_config
-                   else input_dir_sources(args.input_dir))
-        manifest = prepare(sources, args.output_dir, defaults=defaults, seed=args.seed,
-                           balance=args.balance, fmt=args.format, prompt_key=args.prompt_key,
-                           response_key=args.response_key)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    check_output_dir(args.output_dir, "--output-dir")
+    sources = (load_task_config(args.task_config) if args.task_config
+               else input_dir_sources(args.input_dir))
+    manifest = prepare(sources, args.output_dir, defaults=defaults, seed=args.seed,
+                       balance=args.balance, fmt=args.format, prompt_key=args.prompt_key,
+                       response_key=args.response_key)
     _print_summary(manifest)
     print(f"wrote {len(manifest['tasks'])} tasks to {args.output_dir}")
     if args.verify:

@@ -43,7 +43,7 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
                                      betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         alive &= finite & torch.isfinite(losses.detach())
         losses_hist.append(losses.detach())
-    hist = torch.stack(losses_hist) if losses_hist else torch.zeros(0, T)
+    hist = torch.stack(losses_hist) if losses_hist else torch.zeros(0, T, device=bank.device)
     return hist, alive, norms
 
 

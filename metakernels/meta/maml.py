@@ -35,7 +35,7 @@ def _adapt(model, bank, theta, support: PackedBatch, cfg: InnerConfig, create_gr
             g = g + cfg.weight_decay * fast
         fast = fast - cfg.lr * g
         hist.append(losses.detach())
-    return fast, (torch.stack(hist) if hist else torch.zeros(0, T))
+    return fast, (torch.stack(hist) if hist else torch.zeros(0, T, device=theta.device))
 
 
 def maml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query: PackedBatch,
@@ -78,6 +78,7 @@ def maml_step_per_task(model: nn.Module, bank: AdapterBank, support: PackedBatch
         grads.append(r.meta_grad)
         hists.append(r.support_losses[:, 0])
         qls.append(r.query_losses[0])
-    w = torch.full((T,), 1.0 / T, dtype=torch.float32)
+    dev = bank.theta.device
+    w = torch.full((T,), 1.0 / T, dtype=torch.float32, device=dev)
     return StepResult(sum(g / T for g in grads), torch.stack(hists, 1), torch.stack(qls), w,
-                      torch.zeros(T, dtype=torch.bool))
+                      torch.zeros(T, dtype=torch.bool, device=dev))

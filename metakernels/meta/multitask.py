@@ -34,6 +34,6 @@ def multitask_step(model: nn.Module, bank: AdapterBank, support: PackedBatch,
         loss = task_losses(model, batch)[0]
     (grad,) = torch.autograd.grad(loss, bank.theta)
     loss = loss.detach()
-    w = torch.full((T,), 1.0 / T)
+    w = torch.full((T,), 1.0 / T, device=grad.device)
     return StepResult(grad, loss.reshape(1, 1).expand(1, T), loss.expand(T), w,
-                      torch.zeros(T, dtype=torch.bool))
+                      torch.zeros(T, dtype=torch.bool, device=grad.device))

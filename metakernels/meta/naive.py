@@ -46,26 +46,33 @@ class PeftAdapterIO:
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, a, b in self.params for p in (a, b)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.params[0][1].device
+
     @torch.no_grad()
     def load(self, flat: torch.Tensor) -> None:
         for s, a, b in self.params:
-            a.copy_(flat[s.a_slice].view(s.in_features, s.rank).T)
-            b.copy_(flat[s.b_slice].view(s.rank, s.out_features).T)
+            pa, pb = s.peft_views(flat)
+            a.copy_(pa)
+            b.copy_(pb)
 
     def flat_grad(self, num_params: int) -> torch.Tensor:
-        out = torch.zeros(num_params)
+        out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
+            pa, pb = s.peft_views(out)
             if a.grad is not None:
-                out[s.a_slice] = a.grad.T.reshape(-1)
+                pa.copy_(a.grad)
             if b.grad is not None:
-                out[s.b_slice] = b.grad.T.reshape(-1)
+                pb.copy_(b.grad)
         return out
 
     def flat(self, num_params: int) -> torch.Tensor:
-        out = torch.zeros(num_params)
+        out = torch.zeros(num_params, device=self.device)
         for s, a, b in self.params:
-            out[s.a_slice] = a.detach().T.reshape(-1)
-            out[s.b_slice] = b.detach().T.reshape(-1)
+            pa, pb = s.peft_views(out)
+            pa.copy_(a.detach())
+            pb.copy_(b.detach())
         return out
 
 
@@ -97,15 +104,18 @@ def naive_inner(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
 def naive_step(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
                support: PackedBatch, query: PackedBatch, cfg: InnerConfig,
                algorithm: str = "fomaml", weights: torch.Tensor | None = None) -> StepResult:
-    """One meta-step, one task at a time. ``algorithm`` is ``"fomaml"`` or ``"reptile"``."""
-    theta = theta.detach().cpu()
+    """One meta-step, one task at a time. ``algorithm`` is ``"fomaml"`` or ``"reptile"``.
+    Every tensor of the result is on theta's device (that of the PEFT model)."""
+    theta = theta.detach()
+    dev = theta.device
     T, P = support.num_tasks, theta.numel()
-    acc = torch.zeros(T, P)
-    hist = torch.zeros(cfg.num_steps, T)
-    qlosses = torch.zeros(T)
+    acc = torch.zeros(T, P, device=dev)
+    hist = torch.zeros(cfg.num_steps, T, device=dev)
+    qlosses = torch.zeros(T, device=dev)
     params = io.parameters()
     for t in range(T):
-        hist[:, t] = torch.tensor(naive_inner(peft_model, io, theta, support.task(t), cfg))
+        hist[:, t] = torch.tensor(naive_inner(peft_model, io, theta, support.task(t), cfg),
+                                  device=dev)
         for p in params:
             p.grad = None
         q = query.task(t)
@@ -117,9 +127,9 @@ def naive_step(peft_model: nn.Module, io: PeftAdapterIO, theta: torch.Tensor,
             with torch.no_grad():
                 loss = causal_lm_loss(peft_model, q)
             acc[t] = theta - io.flat(P)
-        qlosses[t] = float(loss.detach())
+        qlosses[t] = loss.detach()
     io.load(theta)
     for p in params:
         p.grad = None
-    w = normalized_weights(T, weights, torch.ones(T, dtype=torch.bool), "cpu")
-    return StepResult(w @ acc, hist, qlosses, w, torch.zeros(T, dtype=torch.bool))
+    w = normalized_weights(T, weights, torch.ones(T, dtype=torch.bool, device=dev), dev)
+    return StepResult(w @ acc, hist, qlosses, w, torch.zeros(T, dtype=torch.bool, device=dev))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backend as _backend
 from ..layout import TaskLayout
 
 # float64 for precision checks on the reference backend; the kernels take fp32/bf16/fp16
@@ -41,3 +42,24 @@ def check_layout(op: str, layout, num_rows: int, num_tasks: int | None = None) -
     if num_tasks is not None and layout.num_tasks != num_tasks:
         raise ValueError(f"{op}: layout has {layout.num_tasks} tasks but the adapters have "
                          f"{num_tasks}")
+
+
+# the dtypes the layer ops' kernels take (bf16 computed in fp32 and rounded once)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_backend(op: str, *tensors: torch.Tensor) -> str | None:
+    """The backend whose kernel ``op`` (a ``backend.KERNELS`` name such as ``"rms_norm.fwd"``)
+    runs these tensors: fp32 or bf16 on one device, under the backend in use there, which has
+    that kernel; None: the op's torch form runs."""
+    device = tensors[0].device
+    if not all(t.device == device and t.dtype in KERNEL_DTYPES for t in tensors):
+        return None
+    name = _backend.resolve(device)
+    return name if name != "torch" and _backend.has_kernel(op, name) else None
+
+
+def record(op: str, phase: str):
+    """A profiler label ``metakernels::<op>.<phase>`` (a no-op without an active profiler): the
+    names benchmarks and profiles find each op's forward and backward by."""
+    return torch.profiler.record_function(f"metakernels::{op}.{phase}")

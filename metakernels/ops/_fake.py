@@ -13,7 +13,7 @@ import torch
 
 
 @torch.library.register_fake("metakernels::multi_lora_linear_fwd")
-def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale, onednn=False):
+def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale, onednn=False, per_task=True):
     torch._check(x.dim() == 2 and A.dim() == 3 and B.dim() == 3,
                  lambda: "multi_lora_linear_fwd: x must be [N, in], A [T, in, r], B [T, r, out]")
     N, r, out = x.shape[0], A.shape[2], B.shape[2]
@@ -21,7 +21,8 @@ def _multi_lora_linear_fwd(x, W, b, A, B, offsets, scale, onednn=False):
 
 
 @torch.library.register_fake("metakernels::multi_lora_linear_bwd")
-def _multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, need_dx, onednn=False):
+def _multi_lora_linear_bwd(dy, x, W, A, B, xa, offsets, scale, dA, dB, need_dx, onednn=False,
+                           per_task=True):
     if need_dx:
         return x.new_empty(x.shape)
     return x.new_empty(0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backend as _backend
-from ._common import check_tensor
+from ._common import check_tensor, record
 
 _OP = "fused_update"
 _EPS_CLIP = 1e-6
@@ -96,15 +96,6 @@ def _cpu_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, 
                            float(weight_decay))
 
 
-def _impl(name: str):
-    if name == "torch":
-        return fused_update_ref
-    if name == "cpu":
-        return _cpu_update
-    from ._triton import fused_update as tri
-    return tri.fused_update
-
-
 def fused_update(fast: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor | float, *,
                  optimizer: str = "sgd", state: AdamState | None = None,
                  max_grad_norm: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -144,7 +135,7 @@ def fused_update(fast: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor | floa
         raise ValueError(f"{_OP}: max_grad_norm must be >= 0, got {max_grad_norm}")
     if not fast.is_contiguous() or not grad.is_contiguous():
         raise ValueError(f"{_OP}: fast and grad must be contiguous [T, P] buffers")
-    with torch.no_grad():
-        return _impl(_backend.resolve(fast.device))(
+    with torch.no_grad(), record(_OP, "forward"):
+        return _backend.kernel(_OP, _backend.resolve(fast.device))(
             fast, grad, lr, optimizer=optimizer, state=state, max_grad_norm=max_grad_norm,
             betas=betas, eps=eps, weight_decay=weight_decay)

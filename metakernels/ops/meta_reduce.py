@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend as _backend
-from ._common import check_tensor
+from ._common import check_tensor, record
 
 _OP = "meta_reduce"
 KINDS = ("fomaml", "reptile")
@@ -30,15 +30,6 @@ def meta_reduce_ref(kind: str, x: torch.Tensor, weights: torch.Tensor,
 def _cpu_reduce(kind, x, weights, theta):
     t = theta if theta is not None else x.new_empty(0)
     return torch.ops.metakernels.meta_reduce(x, weights, t, KINDS.index(kind))
-
-
-def _impl(name: str):
-    if name == "torch":
-        return meta_reduce_ref
-    if name == "cpu":
-        return _cpu_reduce
-    from ._triton import meta_reduce as tri
-    return tri.meta_reduce
 
 
 def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor | None = None,
@@ -65,7 +56,8 @@ def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor | None = None,
             raise ValueError(f"{_OP}: kind='reptile' needs theta [P]")
         check_tensor(_OP, "theta", theta, dtypes=(torch.float32,), shape=(P,), device=x.device)
     name = _backend.resolve(x.device)
-    if name == "torch" or torch.is_grad_enabled() and (x.requires_grad or (
-            theta is not None and theta.requires_grad)):
-        return meta_reduce_ref(kind, x, weights, theta)
-    return _impl(name)(kind, x.contiguous(), weights, theta)
+    with record(_OP, "forward"):
+        if name == "torch" or torch.is_grad_enabled() and (x.requires_grad or (
+                theta is not None and theta.requires_grad)):
+            return meta_reduce_ref(kind, x, weights, theta)
+        return _backend.kernel(_OP, name)(kind, x.contiguous(), weights, theta)

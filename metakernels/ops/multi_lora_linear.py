@@ -15,9 +15,9 @@ Gradients (``g_t = dy_t @ B[t].T``)::
 
 Backends: ``torch`` (the reference, differentiable twice when no gradient buffer is given),
 ``cpu`` (``torch.ops.metakernels.multi_lora_linear_fwd/_bwd`` from ``csrc/``; the fp32 base GEMMs on
-the library ``metakernels.gemm`` chooses; on AVX-512 CPUs the fp32 LoRA products one task per thread
-at a time, so that a task's rows stay in cache across them, unless ``METAKERNELS_LORA_PER_TASK=0``)
-and ``triton``.
+the library ``metakernels.gemm`` chooses; on AVX-512 CPUs the LoRA products one task per thread at
+a time, so that a task's rows stay in cache across them, unless the kernel choice
+``lora_products`` of ``metakernels.backend`` is ``batched``) and ``triton``.
 The LoRA terms are computed in the adapters' dtype (fp32 in the bank) whatever the dtype of x.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .. import gemm as _gemm
 from ..layout import TaskLayout
-from ._common import FLOAT_DTYPES, check_layout, check_tensor
+from ._common import FLOAT_DTYPES, check_layout, check_tensor, record
 
 _OP = "multi_lora_linear"
 
@@ -116,50 +116,45 @@ def _torch_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, nee
 def _cpu_fwd(x, W, b, A, B, layout: TaskLayout, scale: float):
     onednn = W is not None and _gemm.use_onednn(x, W)
     return torch.ops.metakernels.multi_lora_linear_fwd(
-        x, W, b, A, B, layout.offsets_tensor(x.device), float(scale), onednn)
+        x, W, b, A, B, layout.offsets_tensor(x.device), float(scale), onednn,
+        _backend.lora_per_task())
 
 
 def _cpu_bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, need_dx: bool):
     onednn = need_dx and W is not None and _gemm.use_onednn(dy, W)
     dx = torch.ops.metakernels.multi_lora_linear_bwd(
         dy, x, W, A, B, xa, layout.offsets_tensor(x.device), float(scale), dA, dB, need_dx,
-        onednn)
+        onednn, _backend.lora_per_task())
     return dx if need_dx else None
-
-
-def _impl(name: str):
-    if name == "torch":
-        return _torch_fwd, _torch_bwd
-    if name == "cpu":
-        return _cpu_fwd, _cpu_bwd
-    from ._triton import multi_lora_linear as tri
-    return tri.fwd, tri.bwd
 
 
 class _MultiLoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, A, B, layout, scale, grad_A, grad_B, backend_name):
-        fwd, bwd = _impl(backend_name)
-        y, xa = fwd(x, W, b, A, B, layout, scale)
-        ctx.save_for_backward(x, W, A, B, xa)
-        ctx.layout, ctx.scale, ctx.bwd = layout, scale, bwd
-        ctx.grad_A, ctx.grad_B = grad_A, grad_B
-        return y
+        with record(_OP, "forward"):
+            y, xa = _backend.kernel("multi_lora_linear.fwd", backend_name)(x, W, b, A, B, layout,
+                                                                           scale)
+            ctx.save_for_backward(x, W, A, B, xa)
+            ctx.layout, ctx.scale = layout, scale
+            ctx.bwd = _backend.kernel("multi_lora_linear.bwd", backend_name)
+            ctx.grad_A, ctx.grad_B = grad_A, grad_B
+            return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, W, A, B, xa = ctx.saved_tensors
-        sink = ctx.grad_A is not None
-        if sink:
-            dA, dB = ctx.grad_A, ctx.grad_B
-        else:
-            dA, dB = torch.zeros_like(A), torch.zeros_like(B)
-        need_dx = ctx.needs_input_grad[0]
-        dx = ctx.bwd(dy.contiguous(), x, W, A, B, xa, ctx.layout, ctx.scale, dA, dB, need_dx)
-        db = dy.sum(0) if ctx.needs_input_grad[2] else None
-        if sink:
-            return dx, None, db, None, None, None, None, None, None, None
-        return dx, None, db, dA, dB, None, None, None, None, None
+        with record(_OP, "backward"):
+            x, W, A, B, xa = ctx.saved_tensors
+            sink = ctx.grad_A is not None
+            if sink:
+                dA, dB = ctx.grad_A, ctx.grad_B
+            else:
+                dA, dB = torch.zeros_like(A), torch.zeros_like(B)
+            need_dx = ctx.needs_input_grad[0]
+            dx = ctx.bwd(dy.contiguous(), x, W, A, B, xa, ctx.layout, ctx.scale, dA, dB, need_dx)
+            db = dy.sum(0) if ctx.needs_input_grad[2] else None
+            if sink:
+                return dx, None, db, None, None, None, None, None, None, None
+            return dx, None, db, dA, dB, None, None, None, None, None
 
 
 def _check(x, W, b, A, B, layout, grad_A, grad_B):
@@ -212,5 +207,6 @@ def multi_lora_linear(x: torch.Tensor, W: torch.Tensor | None, b: torch.Tensor |
     _check(x, W, b, A, B, layout, grad_A, grad_B)
     name = _backend.resolve(x.device)
     if name == "torch" and grad_A is None:
-        return multi_lora_linear_ref(x, W, b, A, B, layout, scale)
+        with record(_OP, "forward"):
+            return multi_lora_linear_ref(x, W, b, A, B, layout, scale)
     return _MultiLoraLinearFn.apply(x, W, b, A, B, layout, float(scale), grad_A, grad_B, name)

@@ -22,7 +22,7 @@ from .. import backend as _backend
 from .. import gemm as _gemm
 from ..batch import IGNORE_INDEX
 from ..layout import TaskLayout
-from ._common import FLOAT_DTYPES, check_layout, check_tensor
+from ._common import FLOAT_DTYPES, check_layout, check_tensor, record
 
 _OP = "segment_cross_entropy"
 # Without an explicit chunk_size, a chunk's fp32 logits take at most this many bytes: 8192 rows
@@ -55,27 +55,23 @@ def _cpu_fwd(h, W, labels, layout, chunk_size):
         h, W, labels, layout.offsets_tensor(h.device), int(chunk_size), _gemm.use_onednn(h, W))
 
 
-def _impl(name: str):
-    if name == "cpu":
-        return _cpu_fwd
-    from ._triton import segment_cross_entropy as tri
-    return tri.fwd
-
-
 class _SegmentCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, labels, layout, chunk_size, backend_name):
-        loss, dh = _impl(backend_name)(h, W, labels, layout, chunk_size)
-        ctx.save_for_backward(dh)
-        ctx.layout = layout
-        return loss
+        with record(_OP, "forward"):
+            loss, dh = _backend.kernel("segment_cross_entropy.fwd", backend_name)(
+                h, W, labels, layout, chunk_size)
+            ctx.save_for_backward(dh)
+            ctx.layout = layout
+            return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        (dh,) = ctx.saved_tensors
-        ids = ctx.layout.task_ids(dh.device).long()
-        row_scale = dloss.to(dh.dtype)[ids][:, None]
-        return dh * row_scale, None, None, None, None, None
+        with record(_OP, "backward"):
+            (dh,) = ctx.saved_tensors
+            ids = ctx.layout.task_ids(dh.device).long()
+            row_scale = dloss.to(dh.dtype)[ids][:, None]
+            return dh * row_scale, None, None, None, None, None
 
 
 def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
@@ -105,5 +101,6 @@ def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
         raise ValueError(f"{_OP}: W requires grad, but the output layer must be frozen")
     name = _backend.resolve(h.device)
     if name == "torch":
-        return segment_cross_entropy_ref(h, W, labels, layout)
+        with record(_OP, "forward"):
+            return segment_cross_entropy_ref(h, W, labels, layout)
     return _SegmentCrossEntropyFn.apply(h, W, labels, layout, int(chunk_size), name)

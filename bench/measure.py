@@ -192,7 +192,7 @@ def measure_memory_here(w: Workload, variant: str) -> dict:
     peak RSS is reset (where the OS allows; otherwise the tiny run's peak is below the step's)
     before the one measured step."""
     cw = check_workloads(w)[0]
-    cs, cq = make_data(cw, cw.vocab_size)
+    cs, cq = make_data(cw, model_config(cw).vocab_size)
     make_variant(variant, cw, initial_adapters(cw), cs, cq).step()
     adapters = initial_adapters(w)
     support, query = make_data(w, model_config(w).vocab_size)

@@ -25,7 +25,7 @@ from metakernels.meta.common import hidden_states, task_losses
 from metakernels.ops.segment_cross_entropy import segment_cross_entropy_ref
 
 from bench.workloads import (Workload, build_base, check_workloads, initial_adapters,
-                             inner_config, make_data)
+                             inner_config, make_data, model_config)
 
 
 # The meta-gradient's relative error (in norm) allowed against naive-peft at the check size.
@@ -265,7 +265,7 @@ def check_variants(w: Workload, variants: list[str]) -> None:
     rtol = CHECK_RTOL[w.dtype]
     for cw in check_workloads(w):
         adapters = initial_adapters(cw)
-        support, query = make_data(cw, cw.vocab_size)
+        support, query = make_data(cw, model_config(cw).vocab_size)
         want, _ = NaivePeft(cw, adapters, support, query).step()
         for name in variants:
             if name == "naive-peft":

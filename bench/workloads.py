@@ -46,6 +46,7 @@ class Workload:
     num_kv_heads: int = 8
     intermediate_size: int = 0      # 0: Llama's 8/3 * hidden, rounded up to a multiple of 32
     model: str = ""                 # a local Hugging Face checkpoint directory instead of the tiny Llama
+    model_layers: int = 0           # with model: this many of its layers, random weights (0: the checkpoint)
     targets: str = "qkvo"           # qkvo | all-linear
     rank: int = 16
     alpha: float = 32.0
@@ -79,7 +80,8 @@ class Workload:
 
     def describe_model(self) -> str:
         if self.model:
-            return self.model
+            return self.model + (f" ({self.model_layers} layers, random weights)"
+                                 if self.model_layers else "")
         return (f"llama d{self.hidden_size} l{self.num_layers} h{self.num_heads}/"
                 f"{self.num_kv_heads} ff{self.intermediate()} v{self.vocab_size}")
 
@@ -148,10 +150,15 @@ def resolve_workload(args) -> Workload:
 
 def check_workloads(w: Workload) -> list[Workload]:
     """Tiny versions of ``w`` (same targets, model family, dtype and device), a uniform and a
-    ragged layout."""
-    tiny = dict(preset="check", model="", vocab_size=97, hidden_size=48, num_layers=2,
-                num_heads=4, num_kv_heads=2, intermediate_size=80, rank=4, alpha=8.0,
-                num_tasks=3, query_rows=2, seq_len=12, inner_steps=2, inner_lr=0.05)
+    ragged layout. With a checkpoint (``w.model``): its architecture (attention heads, tied
+    embeddings, vocabulary) in 2 layers of random weights."""
+    tiny = dict(preset="check", rank=4, alpha=8.0, num_tasks=3, query_rows=2, seq_len=12,
+                inner_steps=2, inner_lr=0.05)
+    if w.model:
+        tiny.update(model_layers=2)
+    else:
+        tiny.update(vocab_size=97, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=80)
     return [dataclasses.replace(w, **tiny, support_rows=2, zipf_alpha=0.0),
             dataclasses.replace(w, **tiny, support_rows=3, zipf_alpha=1.0)]
 
@@ -162,7 +169,10 @@ def check_workloads(w: Workload) -> list[Workload]:
 def model_config(w: Workload):
     if w.model:
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(w.model)
+        cfg = AutoConfig.from_pretrained(w.model)
+        if w.model_layers:
+            cfg.num_hidden_layers = w.model_layers
+        return cfg
     return tiny_config("llama", vocab_size=w.vocab_size, hidden_size=w.hidden_size,
                        num_layers=w.num_layers, num_heads=w.num_heads,
                        num_kv_heads=w.num_kv_heads, intermediate_size=w.intermediate(),
@@ -171,11 +181,17 @@ def model_config(w: Workload):
 
 def build_base(w: Workload) -> nn.Module:
     """The base model in ``w.dtype`` on ``w.device``, the same weights every time (eval mode,
-    every parameter trainable). The tiny Llama is initialised on its device (a 1B model's
+    every parameter trainable). The tiny Llama (and ``model_layers`` of a checkpoint's
+    architecture) is initialised on its device (a 1B model's
     random initialisation takes seconds on a GPU, a minute on a few CPU cores), in fp32 and then
     rounded to ``w.dtype``, so that a bf16 model is the fp32 one rounded."""
     dtype = DTYPES[w.dtype]
-    if w.model:
+    if w.model and w.model_layers:
+        from transformers import AutoModelForCausalLM
+        torch.manual_seed(w.seed)
+        with torch.device(w.device):
+            model = AutoModelForCausalLM.from_config(model_config(w)).to(dtype).eval()
+    elif w.model:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(w.model, dtype=dtype).eval()
         model = model.to(w.device)

@@ -437,3 +437,35 @@ def test_model_flag_without_a_checkpoint_exits_2_with_one_line(script, mode, tmp
     r = run_script(script, "--quick", "--model", tmp_path, *mode, returncode=2)
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith(f"error: --model {tmp_path}: no config.json there")
+
+
+def test_meta_step_on_a_checkpoint_directory(tmp_path):
+    """--model DIR: any Hugging Face directory (here a tiny Llama with grouped-query attention
+    and tied embeddings, saved), the preset's task shapes over its weights, checked first on its
+    architecture in 2 layers of random weights."""
+    import torch
+    from metakernels.models import tiny_config
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("llama", vocab_size=211, hidden_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, intermediate_size=96)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    path = tmp_path / "m.csv"
+    variants = ["naive-peft"] + [f"metakernels-{b}" for b in BACKENDS]
+    r = run_script("meta_step.py", "--quick", "--model", tmp_path / "model", "--csv", path,
+                   *[a for v in variants for a in ("--variant", v)])
+    checks = re.findall(r"check .*? (\S+)\s+meta-gradient rel. error \S+ .*? ok", r.stdout)
+    assert sorted(checks) == sorted(variants[1:] * 2), r.stdout
+    _, rows = read_csv(path)
+    assert sorted(r["variant"] for r in rows) == sorted(variants)
+    for row in rows:
+        assert row["model"] == str(tmp_path / "model")
+        assert_positive(row, META_STEP_POSITIVE)
+        if row["variant"] != "naive-peft":
+            assert float(row["rel_err_vs_naive_peft"]) < 1e-4
+    w = bench_module("workloads").check_workloads(
+        bench_module("workloads").Workload(model=str(tmp_path / "model")))[0]
+    model = bench_module("workloads").build_base(w)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 211
+    assert model.lm_head.weight is model.model.embed_tokens.weight

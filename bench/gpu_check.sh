@@ -6,8 +6,8 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# On a CUDA machine, within GPU_CHECK_BUDGET_S seconds (default 450, under 8 minutes of work:
-# a device lent for 15 minutes in all also spends minutes starting and copying back):
+# On a CUDA machine, within GPU_CHECK_BUDGET_S seconds (default 450, under 8 minutes of work: a
+# GPU machine hired for a quarter of an hour also spends minutes starting and copying back):
 #   install      `pip install --no-build-isolation --no-deps -e .` (--no-deps: the project pins
 #                the CPU build of torch, which must not replace the CUDA torch found here; the C++
 #                CPU extension is not built unless GPU_CHECK_BUILD_EXTENSION=1), then only the
@@ -27,7 +27,9 @@
 # Each stage has its own limit, a share of the budget (a hang guard), and never runs past what
 # the budget leaves: a stage the budget stops, or one not started because under 20 s are left,
 # is "cut", which is not a failure. Stopped by a signal (TERM, INT, HUP), the script stops the
-# running stage, marks it interrupted and still writes summary.md. The "x naive-peft" column of summary.md divides medians of rows of this run.
+# running stage, marks it interrupted and still writes summary.md. The "x naive-peft" column of
+# summary.md divides the medians of two processes of this run; the meta-gradients of separate
+# processes are not compared at the benchmark size (each variant's tiny-size check is its gate).
 #
 # Without a usable GPU: the compile checks alone, a line saying there is no GPU, summary.md.
 #
@@ -243,7 +245,8 @@ except ImportError:
     print("triton: not installed")
 EOF
 cat "$OUT/environment.txt"
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null)
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available()
+                                     else 0)" 2>/dev/null)
 GPUS=${GPUS:-0}
 if [ "$GPUS" -eq 0 ]; then
     why="torch.cuda.is_available() is False"
@@ -259,7 +262,8 @@ if [ "$GPUS" -eq 0 ]; then
     echo "no GPU: the CUDA tests and the GPU benchmarks did not run"
     exit "$EXIT_STATUS"
 fi
-HEADLINE="$(sed -n 's/^cuda:0 //p' "$OUT/environment.txt") ($GPUS GPU(s)): the run stopped early; the table says where."
+GPU_NAME="$(sed -n 's/^cuda:0 //p' "$OUT/environment.txt") ($GPUS GPU(s))"
+HEADLINE="$GPU_NAME: the run stopped early; the table says where."
 
 # ---- install ------------------------------------------------------------------------------
 install() {
@@ -295,8 +299,8 @@ nccl_step() {
                trainer.device=cuda trainer.backend=triton trainer.collective_timeout_s=60
                "trainer.output_dir=$OUT/nccl")
     env -u TRITON_INTERPRET "$PY" -m torch.distributed.run --nproc_per_node=2 \
-        --master_addr=127.0.0.1 --master_port=$((20000 + RANDOM % 20000)) -m metakernels.train "${run[@]}" \
-        trainer.experiment_name=two || return 1
+        --master_addr=127.0.0.1 --master_port=$((20000 + RANDOM % 20000)) \
+        -m metakernels.train "${run[@]}" trainer.experiment_name=two || return 1
     env -u TRITON_INTERPRET "$PY" -m metakernels.train "${run[@]}" trainer.experiment_name=one \
         || return 1
     "$PY" - "$OUT/nccl" <<'EOF'
@@ -353,5 +357,9 @@ meta gpu-fewshot float32 naive-peft 10 3
 meta gpu-fewshot float32 metakernels-triton 10 3
 compile_checks
 
-HEADLINE="$(sed -n 's/^cuda:0 //p' "$OUT/environment.txt") ($GPUS GPU(s)): $( [ $FAILED = 0 ] && echo 'every stage that ran passed' || echo 'some stages failed (see their logs)'), ${SECONDS} s in all."
+if [ "$FAILED" = 0 ]; then
+    HEADLINE="$GPU_NAME: every stage that ran passed, ${SECONDS} s in all."
+else
+    HEADLINE="$GPU_NAME: some stages failed (see their logs), ${SECONDS} s in all."
+fi
 echo "gpu_check: ${SECONDS} s in all; logs, CSVs and summary.md in $OUT"

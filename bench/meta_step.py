@@ -11,6 +11,8 @@ adapters, theta and the fast weights stay fp32 in every variant) on ``--device``
                            ``metakernels._C`` is built, on the CPU; triton on a GPU);
                            ``--task-chunk C`` runs it C tasks at a time (the memory-saving mode,
                            reported as ``metakernels-<backend>-chunkC``)
+    metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms
+                           (``backend.use("layer_kernels", "off")``), without their C++ kernels
     metakernels-cpu-blas   (only with ``--variant``) the cpu step with ATen's GEMMs (MKL) for the
                            frozen base instead of oneDNN's (``metakernels.gemm``)
     metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/

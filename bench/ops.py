@@ -8,7 +8,9 @@ engine calls it: ``multi_lora_linear`` writes its adapter gradients into bank-st
 oneDNN's (``metakernels.gemm``), where oneDNN is the default. On a GPU (``--device cuda``) the
 providers are ``reference``, ``torch`` and ``triton``, at the shapes of the ``gpu-fewshot``
 meta-step preset (a 1B-class Llama: d 2048, MLP 8192, 32 heads of 64, vocabulary 32000, r 16,
-32 tasks of 2 x 64 tokens).
+32 tasks of 2 x 64 tokens), in fp32 and in bf16 (the activations and the frozen weights in
+bf16, the adapter bank fp32: the bf16 LoRA products run on the tensor cores; the bank ops are
+fp32 only).
 ``attention`` is the causal self-attention of the fused layers (``model.fused_layers``): the
 reference is its math form (softmax of the masked scores, autograd), ``torch`` is what the
 library runs there (PyTorch's ``scaled_dot_product_attention``, also under ``triton`` on a GPU),
@@ -45,6 +47,7 @@ Rates from analytic counts (N rows, T tasks, rank r, hidden d, vocabulary V, P a
                                     gate, up, write both gradients (20NI)
     rotary                 GB/s     q and k [B, H, L, D]: read both, write both, forward and
                                     backward alike (16 BHLD bytes)
+                                    (the three layers' bytes in fp32; half of them in bf16)
     fused_update           GB/s     sgd: read fast, grad, write fast (12 TP bytes);
                                     adam: + read/write both moments (28 TP bytes)
     meta_reduce            GB/s     read T x P (+ theta for reptile), write P
@@ -80,7 +83,12 @@ from metakernels.ops import AdamState, fused_update, fused_update_ref, meta_redu
 from metakernels.ops import meta_reduce_ref, multi_lora_linear, multi_lora_linear_ref  # noqa: E402
 from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref  # noqa: E402
 
-CHECK_RTOL = 1e-4   # relative (norm) error allowed against the reference, fp32
+# Relative (norm) error allowed against the reference at the same dtype: fp32; bf16, whose
+# unit roundoff is 2^-8, over a handful of roundings on either side.
+CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 8 * 2 ** -8}
+# The ops timed in bf16 on a GPU as well: those over activations (the bank ops are fp32).
+BF16_OPS = ("multi_lora_linear", "segment_cross_entropy", "attention", "rms_norm", "swiglu",
+            "rotary")
 OPS = ("multi_lora_linear", "segment_cross_entropy", "attention", "rms_norm", "swiglu", "rotary",
        "fused_update", "meta_reduce")
 
@@ -151,6 +159,7 @@ def _packed_batch(tokens_per_task, d_in, d_out, g):
 
 class MultiLoraLinearCase:
     op, metric, modes = "multi_lora_linear", "GFLOP/s", ("forward", "backward", "full")
+    fp32 = ("A", "B")   # the adapters are views of the fp32 bank whatever the activations' dtype
 
     def __init__(self, tokens_per_task, in_f, out_f, rank, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -189,6 +198,7 @@ class MultiLoraLinearCase:
 
 class SegmentCrossEntropyCase:
     op, metric, modes = "segment_cross_entropy", "GFLOP/s", ("forward", "backward", "full")
+    fp32 = ("dloss",)   # the losses are fp32
 
     def __init__(self, tokens_per_task, hidden, vocab, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -270,7 +280,7 @@ class _LayerCase:
         self._bytes = {"forward": nbytes[0], "backward": nbytes[1], "full": sum(nbytes)}
 
     def work(self, mode, provider):
-        return self._bytes[mode]
+        return self._bytes[mode] * self.inputs[0].element_size() // 4
 
     def runner(self, provider):
         leaves = [t.clone().requires_grad_(True) for t in self.inputs]
@@ -466,15 +476,31 @@ def gpu_cases(op: str, quick: bool) -> list:
     return [MetaReduceCase(32, P_GPU, k) for k in ("fomaml", "reptile")]
 
 
-def to_device(case, device: str):
-    """``case`` with its tensors on ``device``: the cases draw their inputs on the CPU (one
-    generator, the same numbers everywhere) and are moved before their runners are built."""
+def to_device(case, device: str, dtype: torch.dtype = torch.float32):
+    """``case`` with its tensors on ``device`` and its floating tensors in ``dtype``, but for
+    those the case keeps in fp32 (its ``fp32`` names): the cases draw their inputs on the CPU
+    in fp32 (one generator, the same numbers everywhere) and are moved before their runners
+    are built."""
+    keep = getattr(case, "fp32", ())
+
+    def move(name, t):
+        t = t.to(device)
+        return t.to(dtype) if t.is_floating_point() and name not in keep else t
     for name, v in vars(case).items():
         if isinstance(v, torch.Tensor):
-            setattr(case, name, v.to(device))
+            setattr(case, name, move(name, v))
         elif isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
-            setattr(case, name, [t.to(device) for t in v])
+            setattr(case, name, [move(name, t) for t in v])
+    case.dtype = dtype
+    if dtype != torch.float32:   # a config names one row per (provider, mode) in the CSV
+        case.config += f" {str(dtype).split('.')[-1]}"
     return case
+
+
+def dtypes(op: str, device: str) -> list[torch.dtype]:
+    """fp32 everywhere; on a GPU also bf16 for the ops over activations."""
+    cuda = torch.device(device).type == "cuda"
+    return [torch.float32] + ([torch.bfloat16] if cuda and op in BF16_OPS else [])
 
 
 def providers(device: str = "cpu") -> list[str]:
@@ -498,7 +524,7 @@ def check(case, provider: str, want: list[torch.Tensor]) -> None:
     got = r.outputs()
     for i, (a, b) in enumerate(zip(got, want)):
         err = rel_err(a, b)
-        if not err < CHECK_RTOL:
+        if not err < CHECK_RTOL[case.dtype]:
             raise SystemExit(f"{case.op} [{case.config}]: provider {provider} output {i} "
                              f"(shape {tuple(b.shape)}) differs from the reference, relative "
                              f"error {err:.2e}; not timing a wrong op")
@@ -526,7 +552,7 @@ def bench_case(case, provs, args, meta) -> list[dict]:
                          "backend": provider_backend(p), "mode": mode,
                          "median_ms": med * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3,
                          "metric": case.metric, "throughput": case.work(mode, p) / med / 1e9,
-                         "device": args.device})
+                         "device": args.device, "dtype": str(case.dtype).split(".")[-1]})
         ref_med = next(r["median_ms"] for r in rows
                        if r["mode"] == mode and r["provider"] == "reference")
         for r in rows:
@@ -538,8 +564,9 @@ def bench_case(case, provs, args, meta) -> list[dict]:
 # New columns go at the end: common.append_csv then extends a file of the earlier columns.
 COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
            "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
-           "throughput", "speedup_vs_reference", "device"]
-TABLE = [("config", "config", ""), ("mode", "mode", ""), ("provider", "provider", ""),
+           "throughput", "speedup_vs_reference", "device", "dtype"]
+TABLE = [("config", "config", ""), ("dtype", "dtype", ""), ("mode", "mode", ""),
+         ("provider", "provider", ""),
          ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"),
          ("throughput", "rate", ".2f"), ("metric", "unit", ""),
          ("speedup_vs_reference", "x faster than ref", ".2f")]
@@ -567,8 +594,9 @@ def main(argv=None) -> None:
     for op in args.op or OPS:
         rows = []
         shapes = gpu_cases if args.device == "cuda" else cases
-        for case in shapes(op, args.quick):
-            rows += bench_case(to_device(case, args.device), provs, args, meta)
+        for dtype in dtypes(op, args.device):
+            for case in shapes(op, args.quick):
+                rows += bench_case(to_device(case, args.device, dtype), provs, args, meta)
         append_csv(args.csv, COLUMNS, rows)
         total += len(rows)
         print(f"\n{op} ({args.warmup} warm-up + {args.repeats} timed calls)")

@@ -54,10 +54,12 @@ class Metakernels:
     """``fomaml_step`` (through ``chunked_step``: ``w.task_chunk`` tasks at a time) under the
     backend ``backend_name``; ``plain=True``: without the fused RMSNorm/SwiGLU/rotary layers and
     with the loss computed from the materialised logits instead of ``segment_cross_entropy``;
-    ``gemm``: the GEMM library of the frozen base (``metakernels.gemm.use_gemm``)."""
+    ``layer_kernels=False``: the fused layers in their torch forms (``backend.use("layer_kernels",
+    "off")``); ``gemm``: the GEMM library of the frozen base (``metakernels.gemm.use_gemm``)."""
 
-    def __init__(self, w, adapters, support, query, backend_name, plain=False, gemm=None):
-        self.backend_name, self.gemm = backend_name, gemm
+    def __init__(self, w, adapters, support, query, backend_name, plain=False,
+                 layer_kernels=True, gemm=None):
+        self.backend_name, self.gemm, self.layer_kernels = backend_name, gemm, layer_kernels
         self.loss_fn = plain_task_losses if plain else task_losses
         self.model = build_base(w)
         if not plain:
@@ -73,8 +75,12 @@ class Metakernels:
         self.cfg = inner_config(w)
 
     def step(self):
-        gemm = use_gemm(self.gemm) if self.gemm is not None else contextlib.nullcontext()
-        with backend.use_backend(self.backend_name), gemm:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(backend.use_backend(self.backend_name))
+            if self.gemm is not None:
+                stack.enter_context(use_gemm(self.gemm))
+            if not self.layer_kernels:
+                stack.enter_context(backend.use("layer_kernels", "off"))
             r = chunked_step("fomaml", self.model, self.bank, self.support, self.query,
                              self.cfg, self.task_chunk, loss_fn=self.loss_fn)
         return r.meta_grad, r.meta_loss
@@ -205,10 +211,10 @@ GPU_VARIANTS = ("naive-peft", "metakernels-triton", "metakernels-torch", "vmap")
 # Run only when asked for (--variant): metakernels without its fused RMSNorm/SwiGLU/rotary
 # layers and with the loss from the materialised logits (what each fusion saves); the cpu step
 # with ATen's GEMMs instead of oneDNN's, and naive-peft with oneDNN's (what the GEMM library
-# gives, apart from the batching). What each of the layers' C++ kernels gives is measured by
-# removing it (``bench/diagnose.py --ablate``) and per op (``bench/ops.py``).
-EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain", "metakernels-cpu-blas",
-                  "naive-peft-onednn")
+# gives, apart from the batching); the cpu step with the layers' torch forms instead of their
+# kernels (what the kernels give together; ``bench/diagnose.py --ablate`` removes each alone).
+EXTRA_VARIANTS = ("metakernels-torch-plain", "metakernels-cpu-plain",
+                  "metakernels-cpu-torchlayers", "metakernels-cpu-blas", "naive-peft-onednn")
 VARIANT_CHOICES = tuple(dict.fromkeys(ALL_VARIANTS + GPU_VARIANTS + EXTRA_VARIANTS))
 
 
@@ -245,6 +251,7 @@ def make_variant(name: str, w: Workload, adapters, support, query):
     if name.startswith("metakernels-"):
         return Metakernels(w, adapters, support, query, backend_of(name),
                            plain=name.endswith("-plain"),
+                           layer_kernels=not name.endswith("-torchlayers"),
                            gemm="blas" if name.endswith("-blas") else None)
     if name == "naive-peft-onednn":
         return NaivePeft(w, adapters, support, query, onednn=True)

@@ -127,8 +127,8 @@ struct Mask {
   }
 };
 
-// Query rows per block of the products (32 ran faster than 8, 16 and whole sequences at L = 64
-// and 128, D = 64).
+// Query rows per block of the products: a block's [32, L] scores stay in L2 with the head's K^T
+// (docs/performance.md compares the block sizes).
 constexpr int64_t kRowBlock = 32;
 
 // Softmax of the masked score rows i0 .. i0 + rows of a block in place (S [rows, width], row

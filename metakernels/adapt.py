@@ -116,13 +116,13 @@ def build_eval_tasks(tasks, tokenizer, cfg: Config, *, n_query: int, max_shots: 
 def adapt_rows(model, bank: AdapterBank, theta: torch.Tensor, supports: Sequence[Sequence[Example]],
                inner: InnerConfig, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapts one bank row per support set, all rows starting at ``theta``, in ONE batched
-    inner loop. Returns (fast weights [R, P], alive [R] bool)."""
+    inner loop. Returns (fast weights [R, P] on theta's device, alive [R] bool on the host)."""
     R = len(supports)
     with torch.no_grad():
         bank.theta.copy_(theta)
     if inner.num_steps == 0 or all(len(s) == 0 for s in supports):
         return (theta.detach()[None].expand(R, -1).clone(),
-                torch.ones(R, dtype=torch.bool, device=theta.device))
+                torch.ones(R, dtype=torch.bool, device="cpu"))
     bank.resize(R)
     batch = pack_tasks(supports, pad_id).to(bank.device)
     _, alive, _ = inner_loop(model, bank, batch, inner)

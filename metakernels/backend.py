@@ -17,7 +17,9 @@ Kernel choices (``CHOICES``): besides the backend, the cpu backend's frozen fp32
 (``gemm``: ``metakernels.gemm``) and how ``multi_lora_linear``'s cpu kernels run the LoRA
 products (``lora_products``: ``per_task``, one task per thread at a time where the CPU has
 AVX-512 and the tasks share the threads evenly, else batched GEMMs; ``batched``: batched GEMMs
-always). Each is set for the process by ``configure`` and inside a block by ``use``; a scope
+always), and whether the layer ops (RMSNorm, SwiGLU, rotary, attention) run their kernels
+(``layer_kernels``: ``on``; ``off``: their torch forms on every backend, as a benchmark's
+ablation). Each is set for the process by ``configure`` and inside a block by ``use``; a scope
 wins over ``configure``, which wins over the environment variable where the choice has one.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ CHOICES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "backend": (BACKENDS, ENV_VAR),
     "gemm": (("onednn", "blas"), "METAKERNELS_GEMM"),
     "lora_products": (("per_task", "batched"), None),
+    "layer_kernels": (("on", "off"), None),
 }
 
 _scoped: dict[str, list[str]] = {name: [] for name in CHOICES}
@@ -65,10 +68,16 @@ KERNELS: dict[tuple[str, str], str] = {
     ("meta_reduce", "triton"): "metakernels.ops._triton.meta_reduce:meta_reduce",
     ("rms_norm.fwd", "cpu"): "torch.ops.metakernels:rms_norm_fwd",
     ("rms_norm.bwd", "cpu"): "torch.ops.metakernels:rms_norm_bwd",
+    ("rms_norm.fwd", "triton"): "metakernels.ops._triton.rms_norm:rms_norm_fwd",
+    ("rms_norm.bwd", "triton"): "metakernels.ops._triton.rms_norm:rms_norm_bwd",
     ("swiglu.fwd", "cpu"): "torch.ops.metakernels:swiglu_fwd",
     ("swiglu.bwd", "cpu"): "torch.ops.metakernels:swiglu_bwd",
+    ("swiglu.fwd", "triton"): "metakernels.ops._triton.swiglu:swiglu_fwd",
+    ("swiglu.bwd", "triton"): "metakernels.ops._triton.swiglu:swiglu_bwd",
     ("rotary.fwd", "cpu"): "torch.ops.metakernels:rotary_fwd",
     ("rotary.bwd", "cpu"): "torch.ops.metakernels:rotary_bwd",
+    ("rotary.fwd", "triton"): "metakernels.ops._triton.rotary:rotary_fwd",
+    ("rotary.bwd", "triton"): "metakernels.ops._triton.rotary:rotary_bwd",
     ("attention.fwd", "cpu"): "torch.ops.metakernels:attention_fwd",
     ("attention.bwd", "cpu"): "torch.ops.metakernels:attention_bwd",
 }

@@ -12,7 +12,7 @@ from .bank import AdapterBank
 from .cli import check_model_path
 from .config import Config
 from .errors import UserError
-from .lora import inject
+from .lora import inject, linear_module_names, unmatched_targets
 
 # the names model.dtype takes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,5 +93,17 @@ def build_bank(cfg: Config, model, num_tasks: int) -> AdapterBank:
     into ``model`` and returns their bank."""
     m = cfg.model
     targets = m.target_modules if m.target_modules != ["all-linear"] else "all-linear"
+    check_target_modules(model, targets)
     return inject(model, targets, rank=m.lora_rank, alpha=m.lora_alpha, num_tasks=num_tasks,
                   dropout=m.lora_dropout)
+
+
+def check_target_modules(model, targets) -> None:
+    """Every name of ``model.target_modules`` (or its regex) must match a linear module of
+    ``model``: a name that matches nothing is a typo that would silently train fewer
+    adapters."""
+    unmatched = unmatched_targets(model, targets)
+    if unmatched:
+        raise UserError(f"model.target_modules: {unmatched} match no linear module of the model "
+                        f"(its linear modules are named {linear_module_names(model)}); give "
+                        f"names from that list, a regex over full module names, or all-linear")

@@ -96,6 +96,12 @@ class TrainerConfig:
     log_every: int = 10
     save_every: int = 50
     resume: bool = False
+    # a new run in a directory that holds another run's checkpoints or metrics replaces them
+    # (otherwise the run refuses the directory)
+    overwrite: bool = False
+    # settings a resumed run may change from the checkpoint's besides those that never change
+    # the training (docs/usage.md, "Resuming")
+    resume_changes: list[str] = field(default_factory=list)
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     backend: str = "auto"                  # auto | torch | cpu | triton
     gemm: str = "auto"                     # auto | onednn | blas (the cpu backend's frozen GEMMs)
@@ -290,8 +296,19 @@ def config_from_dict(d: dict, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def setting_names(cfg: Config) -> list[str]:
+    """Every ``section.name`` of the config."""
+    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, sec.name))]
+
+
 def validate(cfg: Config) -> None:
     """Rejects impossible values before any model or data is loaded."""
+    for key in setting_names(cfg):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     for key, options in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -340,6 +357,12 @@ def validate(cfg: Config) -> None:
     if not math.isfinite(tr.collective_timeout_s):
         raise ConfigError(f"trainer.collective_timeout_s: must be a finite number of seconds, "
                           f"got {tr.collective_timeout_s}")
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length: must be >= 2 (a prompt token and a response "
+                          f"token), got {d.max_length}")
+    if tr.experiment_name.strip() in ("", ".", ".."):
+        raise ConfigError(f"trainer.experiment_name: {tr.experiment_name!r} names no run "
+                          f"directory under trainer.output_dir; give a name, e.g. default")
     if not 0.0 <= m.lora_dropout < 1.0:
         raise ConfigError(f"model.lora_dropout: must be in [0, 1), got {m.lora_dropout}")
     if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
@@ -353,6 +376,11 @@ def validate(cfg: Config) -> None:
                               f"{', '.join('builtin:' + n for n in SUITES)}")
     if isinstance(m.target_modules, list) and not m.target_modules:
         raise ConfigError("model.target_modules: empty list; give module names or 'all-linear'")
+    unknown = [k for k in tr.resume_changes if ALIASES.get(k, k) not in setting_names(cfg)]
+    if unknown:
+        raise ConfigError(f"trainer.resume_changes: unknown settings {unknown}; give "
+                          f"section.name keys, e.g. [meta.inner_lr]")
+    tr.resume_changes = [ALIASES.get(k, k) for k in tr.resume_changes]
     bad = [x for x in tr.loggers if x not in LOGGERS]
     if bad:
         raise ConfigError(f"trainer.loggers: unknown {bad}; choose from {', '.join(LOGGERS)}")

@@ -50,8 +50,13 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and re.fullmatch(r"cuda:\d+", cfg.trainer.device):
+        raise ConfigError(f"trainer.device={cfg.trainer.device} with {local} processes on this "
+                          f"node: all of them would run on that one GPU, which NCCL refuses; "
+                          f"give trainer.device=cuda (process r of a node takes GPU LOCAL_RANK)")
+    _timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
     if not dist.is_initialized():
-        _timeout = timedelta(seconds=cfg.trainer.collective_timeout_s)
         backend = "nccl" if cfg.trainer.device.startswith("cuda") else "gloo"
         if cfg.trainer.device == "cuda":
             # One GPU per process, as torchrun numbers them on a node: "cuda" (the current
@@ -59,8 +64,9 @@ def init_from_env(cfg: Config) -> tuple[int, int]:
             # otherwise every process would run on GPU 0, which NCCL refuses.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=_timeout)
-        _host_group = None if backend == "gloo" else dist.new_group(backend="gloo",
-                                                                    timeout=_timeout)
+    # also where the caller made the default group itself, with whatever backend
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo", timeout=_timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

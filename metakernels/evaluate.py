@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -41,9 +42,9 @@ import torch
 
 from .adapt import build_eval_tasks, split_example, stop_token_ids
 from .cli import UserError, check_output_dir, command
-from .few_shot import (METRICS, Contender, EvalSettings, compare, evaluate_contender,
-                       format_table, load_baseline, load_eval_tasks, load_setup,
-                       lora_init_theta, plot_results, summarize, clean_json)
+from .few_shot import (EVAL_TASK_SPEC, METRICS, Contender, EvalSettings, clean_json, compare,
+                       evaluate_contender, format_table, load_baseline, load_eval_tasks,
+                       load_setup, lora_init_theta, plot_results, summarize)
 from .meta.common import InnerConfig
 
 
@@ -52,6 +53,13 @@ def check_args(args) -> list[tuple[str, str]]:
     ``--baseline`` entries, an output directory that cannot be created. Returns the baselines
     as (name, path)."""
     check_output_dir(args.output_dir, "--output-dir")
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such run directory, checkpoint or "
+                        f"PEFT adapter directory")
+    if not re.fullmatch(EVAL_TASK_SPEC, args.eval_tasks) and not Path(args.eval_tasks).is_dir():
+        raise UserError(f"--eval-tasks {args.eval_tasks}: no such task directory; give "
+                        f"builtin-heldout, builtin-train, builtin:<suite>-heldout or a "
+                        f"directory written by python -m metakernels.prepare")
     if any(n < 0 for n in args.n_shots):
         raise UserError(f"--n-shots must be >= 0, got {sorted(set(args.n_shots))}")
     for flag, value in (("--seeds", args.seeds), ("--n-query", args.n_query)):
@@ -74,6 +82,9 @@ def check_args(args) -> list[tuple[str, str]]:
             raise UserError(f"--baseline {item!r}: expected NAME=PATH")
         if name in taken:
             raise UserError(f"--baseline: the name {name!r} is taken")
+        if not Path(path).exists():
+            raise UserError(f"--baseline {item}: no such run directory, checkpoint or PEFT "
+                            f"adapter directory")
         taken.add(name)
         baselines.append((name, path))
     return baselines

@@ -20,12 +20,15 @@ from .adapt import (EvalTask, adapt_rows, decode_response, exact_match, greedy_g
 from .bank import AdapterBank, check_adapter_meta
 from .batch import pack_tasks
 from .build import build_bank, build_model, build_tokenizer, set_kernel_choices
+from .cli import check_device
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import Config, config_from_dict, load_config
 from .errors import UserError
 from .meta.common import InnerConfig
 from .peft_adapter import is_peft_dir, peft_theta, read_peft_config
 
+# --eval-tasks: a split of a built-in suite (else a task directory)
+EVAL_TASK_SPEC = r"builtin(?::(\w+))?-(heldout|train)"
 METRICS = ("loss", "token_accuracy", "exact_match")
 METRIC_LABELS = {"loss": "query loss", "token_accuracy": "token accuracy",
                  "exact_match": "exact match"}
@@ -67,6 +70,7 @@ class Setup:
 
 
 def _build_base(cfg: Config):
+    check_device(cfg.trainer.device, cfg.trainer.backend)
     set_kernel_choices(cfg)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, len(tokenizer))
@@ -166,7 +170,7 @@ def load_eval_tasks(spec: str, cfg: Config, tokenizer, names: Sequence[str] | No
     from .data.loader import load_task_dir
     from .data.tasks import DEFAULT_SUITE, builtin_tasks
 
-    m = re.fullmatch(r"builtin(?::(\w+))?-(heldout|train)", spec)
+    m = re.fullmatch(EVAL_TASK_SPEC, spec)
     if m:
         suite = m.group(1)
         if suite is None:

@@ -71,8 +71,8 @@ def _patch_sdpa_global() -> bool:
 
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
                                scaling=None, is_causal=None, **kwargs):
-        if _fused_active("attention") and _attention_kernel_applies(module, query, key, value,
-                                                         attention_mask, dropout, kwargs):
+        if _fused_active("attention") and _attention_kernel_applies(
+                module, query, key, value, attention_mask, dropout, kwargs):
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             out = attention(query, key, value, attention_mask, causal, scaling)
             return out.transpose(1, 2), None          # [B, L, H, D], contiguous

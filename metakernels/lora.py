@@ -81,6 +81,23 @@ def _matches(name: str, targets, output_name: str | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def unmatched_targets(model: nn.Module, target_modules) -> list[str]:
+    """The entries of ``target_modules`` (names, or one regex) that match no linear module of
+    ``model``; ``"all-linear"`` matches by definition."""
+    if target_modules == "all-linear":
+        return []
+    linear = [n for n, m in model.named_modules() if _is_adaptable(m)]
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return [t for t in targets
+            if not any(_matches(n, t if isinstance(target_modules, str) else [t], None)
+                       for n in linear)]
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the linear modules of ``model`` (what target_modules takes)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_adaptable(m)})
+
+
 def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "k_proj",
            "v_proj", "o_proj"), rank: int = 8, alpha: float = 16.0, num_tasks: int = 1,
            dropout: float = 0.0, init: bool = True, dtype: torch.dtype = torch.float32
@@ -115,9 +132,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str] = ("q_proj", "k
     found = [(n, m) for n, m in model.named_modules()
              if _is_adaptable(m) and _matches(n, target_modules, output_name)]
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_adaptable(m)})
         raise ValueError(f"inject: no linear module matches target_modules={target_modules!r}; "
-                         f"linear module names in this model: {names}")
+                         f"linear module names in this model: {linear_module_names(model)}")
     slots, offset = [], 0
     for name, mod in found:
         fin, fout = _features(mod)

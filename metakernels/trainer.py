@@ -25,10 +25,12 @@ from .errors import UserError
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
 from .meta.chunked import chunked_step, task_chunk_setting
 from .peft_adapter import peft_theta
+from .run_dir import clear_run, new_run_id
 
 
 class NonFiniteError(RuntimeError):
-    """Too many meta-steps in a row had a non-finite meta-gradient."""
+    """The run cannot go on: theta went non-finite, or too many meta-steps in a row had a
+    non-finite (or an exactly zero) meta-gradient."""
 
 
 
@@ -165,7 +167,9 @@ class Trainer:
                                  max_grad_norm=cfg.meta.inner_max_grad_norm)
         self.task_chunk = task_chunk_setting(cfg.meta, cfg.meta.inner_optimizer)
         self.step = 0
+        self.run_id = new_run_id()
         self.nonfinite_in_a_row = 0
+        self.zero_grad_in_a_row = 0
         self.history: list[dict] = []
         self.val_tasks = self._build_validation()
 
@@ -258,14 +262,22 @@ class Trainer:
                 raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} meta-steps in a row had a non-finite "
                     f"meta-gradient (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}"
-                    f"); stopping. The last good checkpoint is in {self.run_dir / 'checkpoints'}")
+                    f"); stopping. {self._kept_checkpoint()}")
         else:
             self.nonfinite_in_a_row = 0
+            self._check_alive(grad_norm, red)
             if cfg.meta.max_grad_norm > 0:
                 meta_grad = meta_grad * min(1.0, cfg.meta.max_grad_norm / (grad_norm + 1e-6))
             self.bank.theta.grad = meta_grad.to(self.bank.theta.dtype)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if not bool(torch.isfinite(self.bank.theta).all()):
+                # every process holds the same theta (the same reduced gradient), so every
+                # process stops here; nothing after the last finite checkpoint is saved
+                raise NonFiniteError(
+                    f"step {self.step}: theta became non-finite after the outer step "
+                    f"(meta.outer_lr={cfg.meta.outer_lr}, meta-gradient norm {grad_norm:.3g}); "
+                    f"stopping. {self._kept_checkpoint()}")
         self.scheduler.step()
         names = self.sampler.tasks_for_step(self.step)
         if not skipped and red.num_kept < len(names):
@@ -302,12 +314,43 @@ class Trainer:
                 t[f"outer/{k}"] = torch.as_tensor(st[k]).reshape(-1) if k == "step" else st[k]
         return t
 
+    def _check_alive(self, grad_norm: float, red) -> None:
+        """A meta-gradient of exactly zero means the adapted models no longer depend on theta
+        (an inner step so large that every task's fast weights saturate, so that each predicts
+        every token alike): the run would go on without learning. A warning at each such
+        step; after ``trainer.max_nonfinite_steps`` more in a row, the run stops."""
+        if grad_norm != 0.0:
+            self.zero_grad_in_a_row = 0
+            return
+        self.zero_grad_in_a_row += 1
+        limit = self.cfg.trainer.max_nonfinite_steps
+        q = float(red.query_losses[red.kept].mean())
+        uniform = math.log(len(self.tokenizer))
+        msg = (f"step {self.step}: the meta-gradient is exactly 0 ({self.zero_grad_in_a_row} "
+               f"step(s) in a row); query loss {q:.4f} (a uniform prediction over the "
+               f"vocabulary: {uniform:.4f}): the adapted models ignore theta, the inner loop has "
+               f"collapsed (meta.inner_lr={self.cfg.meta.inner_lr} too large?)")
+        if self.zero_grad_in_a_row > limit:
+            raise NonFiniteError(f"{msg}; stopping after trainer.max_nonfinite_steps={limit} "
+                                 f"more. {self._kept_checkpoint()}")
+        warnings.warn(msg)
+
+    def _kept_checkpoint(self) -> str:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "No checkpoint was written."
+        return f"The newest checkpoint, {ckpt}, is finite and kept."
+
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        meta = {"step": self.step, "config": self.cfg.to_dict(),
+        if not bool(torch.isfinite(self.bank.theta).all()):
+            raise NonFiniteError(f"step {self.step}: theta is non-finite; it is not saved. "
+                                 f"{self._kept_checkpoint()}")
+        meta = {"step": self.step, "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "zero_grad_in_a_row": self.zero_grad_in_a_row,
                 "python_rng": repr(random.getstate()), **adapter_meta(self.bank)}
         return save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
 
@@ -324,9 +367,12 @@ class Trainer:
         with torch.no_grad():
             self.bank.theta.copy_(tensors["theta"])
         if "outer/exp_avg" in tensors:
+            # the checkpoint is read to the host; the moments go where theta is (AdamW's step
+            # count stays on the host, where it keeps it)
+            dev = self.bank.theta.device
             self.optimizer.state[self.bank.theta] = {
-                "exp_avg": tensors["outer/exp_avg"].clone(),
-                "exp_avg_sq": tensors["outer/exp_avg_sq"].clone(),
+                "exp_avg": tensors["outer/exp_avg"].to(dev, copy=True),
+                "exp_avg_sq": tensors["outer/exp_avg_sq"].to(dev, copy=True),
                 "step": tensors["outer/step"].reshape(()).clone()}
         self.scheduler.load_state_dict(meta["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -334,7 +380,9 @@ class Trainer:
         self.sampler.load_state_dict(meta["sampler"])
         torch.set_rng_state(tensors["rng/torch"])
         self.step = int(meta["step"])
+        self.run_id = meta.get("run_id", self.run_id)
         self.nonfinite_in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        self.zero_grad_in_a_row = int(meta.get("zero_grad_in_a_row", 0))
         return True
 
     # -- the loop ---------------------------------------------------------------------------
@@ -350,6 +398,8 @@ class Trainer:
         cfg = self.cfg
         resumed = cfg.trainer.resume and self.resume()
         if self.is_main:
+            if not resumed and cfg.trainer.overwrite:
+                clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         loggers = Loggers(cfg, self.run_dir, self.is_main, self.step if resumed else 0)

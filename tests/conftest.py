@@ -81,16 +81,19 @@ def tolerance(dtype: torch.dtype, reduction: int = 1,
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None,
                  reduction: int = 1, compute: torch.dtype | None = None,
-                 equal_nan: bool = False) -> None:
+                 equal_nan: bool = False, magnitude: torch.Tensor | None = None) -> None:
     """``got`` against a high-precision reference ``want`` within ``tolerance`` (``dtype``:
     the precision ``got`` was stored in, default its own; ``compute``: fp64 for fp64, else
-    fp32)."""
+    fp32). The sums' error is relative to ``magnitude``, the same computation on the inputs'
+    absolute values (the sums of |terms|, which bound what a summation order can change, also
+    where the terms cancel); default: the reference itself, for results without cancellation."""
     dtype = got.dtype if dtype is None else dtype
     if compute is None:
         compute = torch.float64 if dtype == torch.float64 else torch.float32
     rtol, atol = tolerance(dtype, reduction, compute)
     want = want.double()
-    finite = want[torch.isfinite(want)]
+    ref = want if magnitude is None else magnitude.double()
+    finite = ref[torch.isfinite(ref)]
     scale = finite.abs().max().item() if finite.numel() else 0.0
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(scale, 1e-6),
                                equal_nan=equal_nan)

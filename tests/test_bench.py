@@ -35,7 +35,7 @@ META_STEP_POSITIVE = ["cores", "threads", "rank", "num_tasks", "query_rows", "se
                       "ratio_floor_paired", "gemm_gflops", "peak_rss_mb", "base_rss_mb", "rss_runs"]
 OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "load1", "op",
                "config", "provider", "backend", "mode", "median_ms", "p20_ms", "p80_ms", "metric",
-               "throughput", "speedup_vs_reference", "device"]
+               "throughput", "speedup_vs_reference", "device", "dtype"]
 OPS_POSITIVE = ["cores", "threads", "median_ms", "p20_ms", "p80_ms", "throughput",
                 "speedup_vs_reference"]
 BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
@@ -132,9 +132,28 @@ def test_ops_quick_writes_every_op_provider_and_mode(ops_csv):
             assert got == providers, (op, config, mode)
     for r in rows:
         assert_positive(r, OPS_POSITIVE)
-        assert r["device"] == "cpu"
+        assert (r["device"], r["dtype"]) == ("cpu", "float32")
         assert r["metric"] in ("GFLOP/s", "GB/s")
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+
+
+def test_ops_bf16_cases_keep_the_bank_fp32_and_pass_their_check():
+    """What ``bench/ops.py --device cuda`` adds in bf16, run on the CPU with the torch backend:
+    the activations and frozen weights in bf16, the adapters and losses fp32, and each provider
+    within the bf16 check of the reference."""
+    import torch
+    ops = bench_module("ops")
+    assert ops.dtypes("rms_norm", "cpu") == [torch.float32]
+    assert ops.dtypes("fused_update", "cuda") == [torch.float32]
+    assert ops.dtypes("multi_lora_linear", "cuda") == [torch.float32, torch.bfloat16]
+    args = dataclasses.make_dataclass("Args", ["warmup", "repeats", "device"])(0, 1, "cpu")
+    for op in ops.BF16_OPS:
+        for case in ops.cases(op, quick=True):
+            case = ops.to_device(case, "cpu", torch.bfloat16)
+            for name in getattr(case, "fp32", ()):
+                assert getattr(case, name).dtype == torch.float32, (op, name)
+            rows = ops.bench_case(case, ["reference", "torch"], args, {})
+            assert {r["dtype"] for r in rows} == {"bfloat16"}
 
 
 def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
@@ -151,16 +170,18 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
 def test_meta_step_extra_variants_match_naive_peft(tmp_path):
-    """The variants that switch an optimisation off (the fused layers and loss, through the
-    step's ``loss_fn``; oneDNN's GEMMs) or on (naive-peft on oneDNN's GEMMs) compute the same
-    meta-gradient as naive-peft. (Their memory is the median of two fresh processes each.)"""
+    """The variants that switch an optimisation off (the layers' kernels; the fused layers and
+    loss, through the step's ``loss_fn``; oneDNN's GEMMs) or on (naive-peft on oneDNN's GEMMs)
+    compute the same meta-gradient as naive-peft. (Their memory is the median of two fresh
+    processes each.)"""
     path = tmp_path / "extra.csv"
-    extra = ["metakernels-cpu-blas", "metakernels-cpu-plain", "naive-peft-onednn"]
+    extra = ["metakernels-cpu-blas", "metakernels-cpu-plain", "metakernels-cpu-torchlayers",
+             "naive-peft-onednn"]
     run_script("meta_step.py", "--quick", "--csv", path, "--variant", "naive-peft",
                *[a for v in extra for a in ("--variant", v)], "--memory-runs", "2")
     columns, rows = read_csv(path)
     assert columns == META_STEP_COLUMNS
-    assert sorted(r["variant"] for r in rows) == extra[:2] + ["naive-peft"] + extra[2:]
+    assert sorted(r["variant"] for r in rows) == extra[:3] + ["naive-peft"] + extra[3:]
     for r in rows:
         assert_positive(r, META_STEP_POSITIVE)
         assert float(r["rel_err_vs_naive_peft"]) < 1e-4

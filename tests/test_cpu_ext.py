@@ -96,6 +96,12 @@ def _opcheck_cases():
         "mll_bwd_no_dx": (ops.multi_lora_linear_bwd,
                           (rg(dy), x, None, A, B, xa, off, 0.5, torch.randn(A.shape),
                            torch.randn(B.shape), False)),
+        # the schema's trailing arguments given: onednn off, the LoRA products batched
+        "mll_fwd_batched": (ops.multi_lora_linear_fwd,
+                            (rg(x), W, b, rg(A), rg(B), off, 0.5, False, False)),
+        "mll_bwd_batched": (ops.multi_lora_linear_bwd,
+                            (rg(dy), x, W, A, B, xa, off, 0.5, torch.randn(A.shape),
+                             torch.randn(B.shape), True, False, False)),
         "sgd": (ops.fused_sgd_, (fast.clone(), rg(grad), lr, 1.0, 0.1)),
         "adam": (ops.fused_adam_, (fast.clone(), rg(grad), st.exp_avg, st.exp_avg_sq, st.step, lr,
                                    1.0, 0.9, 0.999, 1e-8, 0.1)),

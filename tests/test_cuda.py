@@ -31,6 +31,7 @@ from metakernels.ops import (AdamState, fused_update, fused_update_ref, meta_red
 
 from conftest import random_batch  # noqa: E402
 from conftest import assert_close, assert_close_like_torch, mll_fp64_oracle  # noqa: E402
+from test_triton_layers import check_rms_norm, check_rotary, check_swiglu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -198,6 +199,70 @@ def check_fused_update(device, optimizer, weight_decay, seed, T=6, P=70001):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_fused_update(device, optimizer, weight_decay):
     check_fused_update(device, optimizer, weight_decay, seed=0)
+
+
+def test_fused_adam_bias_correction_in_fp64(device):
+    """beta2 = 0.999 at the first steps (where 1 - beta2**step cancels in fp32), steps near 1
+    over small weights: the kernel within the fp32 reference's own error against fp64."""
+    gen = torch.Generator().manual_seed(3)
+    T, P = 4, 70001
+    fast = (torch.randn(T, P, generator=gen) * 1e-2).to(device)
+    grad = torch.randn(T, P, generator=gen).to(device)
+    lr = (torch.rand(T, generator=gen) * 0.5 + 0.5).to(device)
+    state = AdamState((torch.randn(T, P, generator=gen) * 0.1).to(device),
+                      (torch.rand(T, P, generator=gen) * 0.01).to(device),
+                      torch.arange(T, dtype=torch.float32, device=device))
+    kw = dict(optimizer="adam", max_grad_norm=0.0, betas=(0.9, 0.999), eps=1e-8)
+    fast_ref = fast.clone()
+    state_ref = AdamState(*(t.clone() for t in (state.exp_avg, state.exp_avg_sq, state.step)))
+    fast_or = fast.double()
+    state_or = AdamState(*(t.double() for t in (state.exp_avg, state.exp_avg_sq, state.step)))
+    with backend.use_backend("triton"):
+        fused_update(fast, grad, lr, state=state, **kw)
+    fused_update_ref(fast_ref, grad, lr, state=state_ref, **kw)
+    fused_update_ref(fast_or, grad.double(), lr.double(), state=state_or, **kw)
+    err, ref_err = (fast.double() - fast_or).abs(), (fast_ref.double() - fast_or).abs()
+    assert (err <= 2 * ref_err.max() + 2 ** -24 * fast_or.abs()).all(), (
+        f"max error {err.max().item():.3g}, the fp32 reference's {ref_err.max().item():.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the frozen base's layers: the shapes of a 7B-8B model's layer (odd ones beside them)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(2, 64, 4096), (33, 5123)], ids=["llama", "odd"])
+def test_rms_norm(device, dtype, shape):
+    for strided in (False, True):
+        check_rms_norm(shape, dtype, strided, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(128, 14336), (33, 11013)], ids=["llama", "odd"])
+def test_swiglu(device, dtype, shape):
+    check_swiglu(shape, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case", [(2, 32, 8, 128, 128, 2), (3, 5, 1, 17, 130, 1)],
+                         ids=["llama_gqa", "odd"])
+def test_rotary(device, dtype, case):
+    check_rotary(case, dtype, device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launchers_run_on_their_tensors_device(device):
+    """Tensors on cuda:1 while cuda:0 is current: each launch runs on cuda:1 (triton launches on
+    the current device), with the results of a launch on cuda:0."""
+    x = torch.randn(37, 300, device="cuda:0")
+    w = torch.rand(300, device="cuda:0") + 0.5
+    with torch.cuda.device(0), backend.use_backend("triton"):
+        from metakernels.ops._triton import rms_norm as tri_norm
+        want = tri_norm.rms_norm_fwd(x, w, 1e-6)
+        got = tri_norm.rms_norm_fwd(x.to("cuda:1"), w.to("cuda:1"), 1e-6)
+        reduced = meta_reduce("fomaml", x.to("cuda:1"), torch.ones(37, device="cuda:1"), None)
+    for g, w_ in zip(got, want):
+        assert g.device == torch.device("cuda:1") and torch.equal(g.cpu(), w_.cpu())
+    torch.testing.assert_close(reduced.cpu(), x.sum(0).cpu())
 
 
 def check_meta_reduce(device, kind, seed, T=7, P=70001):

@@ -60,3 +60,17 @@ def test_naive_step_keeps_the_meta_gradient_on_thetas_device(tmp_path, monkeypat
     for name in ("meta_grad", "support_losses", "query_losses", "task_weights", "dropped"):
         assert getattr(got, name).device == theta.device, name
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+
+
+def test_adaptation_without_inner_steps_gives_alive_on_the_host():
+    # alive is host data whatever theta's device, as after an inner loop (validation combines it
+    # with the host's query losses); the meta device stands in for a GPU: no step runs here
+    from types import SimpleNamespace
+
+    from metakernels.adapt import adapt_rows
+
+    theta = torch.zeros(6, device="meta")
+    bank = SimpleNamespace(theta=torch.zeros(6, device="meta"))
+    fast, alive = adapt_rows(None, bank, theta, [[], []], InnerConfig(lr=0.1, num_steps=0), 0)
+    assert fast.device.type == "meta" and tuple(fast.shape) == (2, 6)
+    assert alive.device.type == "cpu" and alive.tolist() == [True, True]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metakernels.checkpoint import latest_checkpoint, load_checkpoint
-from metakernels.config import load_config
+from metakernels.config import ConfigError, load_config
 from metakernels.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +242,23 @@ def test_a_missing_rank_is_named(monkeypatch):
                                                       r"trainer.collective_timeout_s=4 s"):
         mdist.wait_for_all()
     mdist.shutdown()
+
+
+def test_one_gpu_index_for_several_processes_of_a_node_is_a_clear_error(monkeypatch):
+    from metakernels import distributed as mdist
+
+    world = FakeWorld(monkeypatch)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda:1 with 2 processes on this node: "
+                                          r".* give trainer.device=cuda"):
+        mdist.init_from_env(load_config(None, ["trainer.device=cuda:1"]))
+    assert world.inits == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "trainer.collective_timeout_s: must be > 0, got 0.0"),
+    ("inf", "trainer.collective_timeout_s: must be a finite number, got inf")])
+def test_the_collective_timeout_is_a_positive_finite_number(value, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"trainer.collective_timeout_s={value}"])
+    assert str(e.value) == message

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metakernels import backend, fused
+from metakernels import TaskLayout, backend, fused
 from metakernels.lora import inject
 from metakernels.models import build_tiny_model
 
@@ -164,3 +164,52 @@ def test_attention_kernel_only_where_it_computes_what_sdpa_does():
     assert not ran_kernel(6, name="torch")
     assert not ran_kernel(6, dropout=0.5, training=True)
     assert ran_kernel(6, dropout=0.5, training=False)
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+@pytest.mark.parametrize("switches,want_kernels", [
+    (dict(swiglu=False, attention=False, linear=False), {"rms_norm_fwd", "rotary_fwd"}),
+    (dict(rms_norm=False, rope=False), {"swiglu_fwd", "attention_fwd"}),
+])
+def test_each_kind_of_layer_has_its_switch(switches, want_kernels):
+    """apply_fused_layers switches only the kinds of layer asked for: the others run the
+    library's code (no kernel of theirs runs), and the logits stay the plain model's."""
+    from torch.profiler import ProfilerActivity, profile
+    model = build_tiny_model("llama", vocab_size=61, hidden_size=32, num_layers=2, num_heads=4,
+                             num_kv_heads=2, intermediate_size=40)
+    plain = copy.deepcopy(model)
+    counts = fused.apply_fused_layers(model, **switches)
+    on = lambda name: switches.get(name, True)  # noqa: E731
+    assert counts == {"rms_norm": 5 * on("rms_norm"), "swiglu": 2 * on("swiglu"),
+                      "rotary": 2 * (on("rope") or on("attention")), "linear": 15 * on("linear")}
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), backend.use_backend("cpu"), \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = model(input_ids=ids).logits
+    ran = {e.key.split("::")[1] for e in prof.key_averages()
+           if e.key.startswith("metakernels::") and "." not in e.key}
+    assert ran == want_kernels
+    assert_close(got, plain(input_ids=ids).logits, reduction=MODEL_SUMS)
+
+
+@pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
+def test_layer_kernels_off_runs_the_torch_forms():
+    """The kernel choice layer_kernels=off: every layer op of a switched model runs its torch
+    form under the cpu backend (the same logits), while the LoRA op still runs its kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    model = build_tiny_model("llama", vocab_size=61, hidden_size=32, num_layers=1, num_heads=4,
+                             num_kv_heads=2, intermediate_size=40)
+    fused.apply_fused_layers(model)
+    bank = inject(model, ["q_proj"], rank=2, alpha=4, num_tasks=1)
+    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for choice in ("on", "off"):
+        with torch.no_grad(), backend.use_backend("cpu"), backend.use("layer_kernels", choice), \
+                bank.activate(bank.theta[None], TaskLayout((0, 6))), \
+                profile(activities=[ProfilerActivity.CPU]) as prof:
+            logits[choice] = model(input_ids=ids).logits
+        ran = {e.key.split("::")[1] for e in prof.key_averages()
+               if e.key.startswith("metakernels::") and "." not in e.key}
+        layer = {"rms_norm_fwd", "rotary_fwd", "attention_fwd", "swiglu_fwd"}
+        assert ran == ({"multi_lora_linear_fwd"} | (layer if choice == "on" else set()))
+    assert_close(logits["on"], logits["off"], reduction=MODEL_SUMS)

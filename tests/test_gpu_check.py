@@ -23,14 +23,34 @@ SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 SITECUSTOMIZE = """
 import os
-if os.environ.get("FAKE_GPUS"):
+import sys
+if os.environ.get("FAKE_GPUS"):   # torch.cuda patched once torch is imported, if ever
+    import importlib.abc
+    import importlib.machinery
     import types
-    import torch
-    n = int(os.environ["FAKE_GPUS"])
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: n
-    torch.cuda.get_device_properties = lambda i: types.SimpleNamespace(
-        name="NVIDIA H200", total_memory=141 * 2**30, major=9, minor=0)
+
+    def patch(torch):
+        n = int(os.environ["FAKE_GPUS"])
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: n
+        torch.cuda.get_device_properties = lambda i: types.SimpleNamespace(
+            name="NVIDIA H200", total_memory=141 * 2**30, major=9, minor=0)
+
+    class PatchTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "torch":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                patch(module)
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, PatchTorch())
 """
 
 FAKE_PYTHON = '''#!{python}
@@ -175,7 +195,7 @@ def test_a_failing_variant_keeps_every_other_row(tmp_path):
 def test_the_budget_cuts_the_last_stage_and_that_is_no_failure(tmp_path):
     # the compile checks (the last stage, its share the whole budget) hang: the budget stops
     # them, and the run exits 0 with a summary that says so
-    r, out, stages = _run(tmp_path, gpus=1, budget=50,
+    r, out, stages = _run(tmp_path, gpus=1, budget=40,
                           plan={"pytest:tests/test_triton_compile.py": "hang"})
     assert r.returncode == 0, _log(r)
     assert stages["compile_checks"].startswith("cut by the budget after "), stages

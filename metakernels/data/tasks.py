@@ -29,6 +29,8 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
+from .loader import DataError
+
 SEPARATOR = ">"
 DIGITS = string.digits + "abcdef"
 
@@ -79,10 +81,12 @@ class ProceduralTask:
         max_attempts = 50 * n + 100
         while len(seen) < n:
             if attempts == max_attempts:
-                raise ValueError(
+                raise DataError(
                     f"task {self.name!r}: only {len(seen)} distinct inputs in {attempts} draws, "
                     f"{n} were asked for; the task's input space is too small for this many "
-                    f"examples")
+                    f"examples (lower data.support_size + data.query_size, or "
+                    f"trainer.eval_shots x trainer.eval_seeds + trainer.eval_query_size for "
+                    f"validation)")
             prompt, response = self.sample(rng)
             seen.setdefault(prompt, response)
             attempts += 1

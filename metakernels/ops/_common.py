@@ -51,9 +51,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 def kernel_backend(op: str, *tensors: torch.Tensor) -> str | None:
     """The backend whose kernel ``op`` (a ``backend.KERNELS`` name such as ``"rms_norm.fwd"``)
     runs these tensors: fp32 or bf16 on one device, under the backend in use there, which has
-    that kernel; None: the op's torch form runs."""
+    that kernel, with the kernel choice ``layer_kernels`` on; None: the op's torch form runs."""
     device = tensors[0].device
     if not all(t.device == device and t.dtype in KERNEL_DTYPES for t in tensors):
+        return None
+    if _backend.choice("layer_kernels") == "off":
         return None
     name = _backend.resolve(device)
     return name if name != "torch" and _backend.has_kernel(op, name) else None

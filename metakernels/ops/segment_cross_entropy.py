@@ -25,15 +25,22 @@ from ..layout import TaskLayout
 from ._common import FLOAT_DTYPES, check_layout, check_tensor, record
 
 _OP = "segment_cross_entropy"
-# Without an explicit chunk_size, a chunk's fp32 logits take at most this many bytes: 8192 rows
-# at a 1k vocabulary, 262 rows at 32k (Liger-Kernel's fused linear cross-entropy also sizes its
-# chunks by the vocabulary).
+# Without an explicit chunk_size, a chunk's fp32 logits take at most this many bytes on the CPU,
+# where they stay in the last-level cache: 8192 rows at a 1k vocabulary, 262 rows at 32k
+# (Liger-Kernel's fused linear cross-entropy also sizes its chunks by the vocabulary).
 CHUNK_BYTES = 32 * 2 ** 20
+# On a GPU every chunk re-reads the whole output layer (1 GB at a 128k vocabulary in bf16), so
+# chunks are as large as memory allows: a 64th of the device's memory.
+CUDA_MEMORY_FRACTION = 64
 
 
-def auto_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so that a chunk's fp32 logits stay within ``CHUNK_BYTES``."""
-    return max(16, CHUNK_BYTES // (4 * max(1, vocab_size)))
+def auto_chunk_rows(vocab_size: int, device: torch.device | str | None = None) -> int:
+    """Rows per chunk so that a chunk's fp32 logits stay within ``CHUNK_BYTES`` (on a CUDA
+    ``device``: within 1/``CUDA_MEMORY_FRACTION`` of its memory)."""
+    budget = CHUNK_BYTES
+    if device is not None and torch.device(device).type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory // CUDA_MEMORY_FRACTION
+    return max(16, budget // (4 * max(1, vocab_size)))
 
 
 def segment_cross_entropy_ref(h, W, labels, layout: TaskLayout) -> torch.Tensor:
@@ -84,7 +91,8 @@ def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
         labels: [N] int64 target ids, ``-100`` where no loss is taken.
         layout: ``TaskLayout`` over the N rows.
         chunk_size: rows per chunk in the kernels (the logits memory is chunk_size * V);
-            None: ``auto_chunk_rows(V)``, chunks of at most ``CHUNK_BYTES`` of logits.
+            None: ``auto_chunk_rows(V, h.device)``, chunks of at most ``CHUNK_BYTES`` of
+            logits (a share of the device's memory on a GPU).
     Returns:
         [T] fp32 losses; a task with no target tokens has loss 0.
     """
@@ -94,7 +102,7 @@ def segment_cross_entropy(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
     check_tensor(_OP, "labels", labels, dtypes=(torch.int64,), shape=(N,), device=h.device)
     check_layout(_OP, layout, N)
     if chunk_size is None:
-        chunk_size = auto_chunk_rows(W.shape[0])
+        chunk_size = auto_chunk_rows(W.shape[0], h.device)
     if chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be >= 1, got {chunk_size}")
     if W.requires_grad:

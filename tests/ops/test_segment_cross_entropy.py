@@ -57,6 +57,24 @@ def test_segment_cross_entropy_chunks_by_vocabulary():
         assert rows == 16 or rows * 4 * V <= CHUNK_BYTES < (rows + 1) * 4 * V
 
 
+def test_segment_cross_entropy_chunks_by_device_memory_on_cuda(monkeypatch):
+    """On a GPU each chunk re-reads the output layer: an 80 GB device takes thousands of rows
+    per chunk at a 128k vocabulary (a CPU cache's worth would be 65)."""
+    import types
+    from metakernels.ops.segment_cross_entropy import CUDA_MEMORY_FRACTION, auto_chunk_rows
+    seen = []
+
+    def properties(device):
+        seen.append(torch.device(device))
+        return types.SimpleNamespace(total_memory=80 * 10 ** 9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    V = 128256
+    rows = auto_chunk_rows(V, torch.device("cuda", 1))
+    assert seen == [torch.device("cuda", 1)]
+    assert rows * 4 * V <= 80 * 10 ** 9 // CUDA_MEMORY_FRACTION < (rows + 1) * 4 * V
+    assert rows >= 2048 and auto_chunk_rows(V, "cpu") == auto_chunk_rows(V) == 65
+
+
 # -------------------------------------------------------------------------------- cpu kernels
 def _ce_against_fp64(h, W, labels, layout, chunk, onednn):
     """The fp32 kernel's loss and dh, checked against the fp64 reference and its gradient."""

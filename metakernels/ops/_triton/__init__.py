@@ -13,22 +13,54 @@ Conventions shared by the kernels:
   ``input_precision="ieee"`` (no TF32, so fp32 matches cuBLAS fp32); tiles are at least 16
   wide (small ranks are padded with masks);
 - block sizes come from fixed per-module tables, so that ``tests/test_triton_compile.py`` can
-  compile every variant a launch can ask for (``launch_configs()`` in each module).
+  compile every variant a launch can ask for (``launch_configs()`` in each module);
+- every host launcher is decorated with ``launcher``: triton launches on the *current* CUDA
+  device, whatever device the pointers are on, so the launch runs with the tensors' device made
+  current (``trainer.device=cuda:1`` in a process whose current device is 0).
 """
+import contextlib
+import functools
 import os
 from typing import NamedTuple
+
+import torch
 
 
 class LaunchConfig(NamedTuple):
     """One compiled variant a launcher can ask for: a name, the ``@triton.jit`` kernel, the
-    dtypes of its pointer arguments (``"*fp32"`` unless named here), its constexprs, and the
-    launch's num_warps and num_stages."""
+    dtypes of its pointer arguments (``"*fp32"`` unless named here), its constexprs, the
+    launch's num_warps and num_stages, and ``unit``: for each kind of launch (a label), the
+    integer arguments that are 1 when the tensors are contiguous. A launch specialises an
+    integer argument equal to 1 into a constant and one divisible by 16 into an aligned value,
+    which changes vectorisation and shared memory, so the compile test builds those variants
+    too."""
     name: str
     kernel: object
     ptr_types: dict
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    unit: dict = {}
+
+
+def device_context(device: torch.device):
+    """The context a launch runs in: ``device`` made the current CUDA device (the launch then
+    uses that device's stream and context); nothing for CPU tensors (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launcher(fn):
+    """Runs the host launcher ``fn`` under ``device_context`` of its first tensor argument
+    (looked up at call time, so that a test can watch it)."""
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with device_context(first.device):
+            return fn(*args, **kwargs)
+    guarded.device_guarded = True
+    return guarded
 
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":

@@ -11,6 +11,7 @@ Semantics (PyTorch pseudo-code, for every task t; ``g = grad[t]``)::
            fast[t] *= 1 - lr[t] * weight_decay
            m[t] = beta1 m[t] + (1 - beta1) g;  v[t] = beta2 v[t] + (1 - beta2) g^2
            fast[t] -= lr[t] / (1 - beta1^step) * m[t] / (sqrt(v[t]) / sqrt(1 - beta2^step) + eps)
+                                                  # bias corrections in fp64, then fp32
 
 Three launches, deterministic (no atomics): per-(task, block) sums of squares, per-task norm /
 finiteness / clip coefficient, then one elementwise pass that reads and writes every element
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LaunchConfig
+from . import LaunchConfig, launcher
 
 _BLOCK_P = 1024
 _NORM_BLOCK = 1024  # per-block partial sums reduced per task, in steps of this many
@@ -98,13 +99,13 @@ def _sgd_kernel(fast_ptr, grad_ptr, lr_ptr, finite_ptr, coef_ptr, P, weight_deca
 
 
 @triton.jit
-def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, finite_ptr,
+def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, step_size_ptr, sqrt_bc2_ptr, finite_ptr,
                  coef_ptr, P, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                  stride_ft, stride_fp, stride_gt, stride_gp, stride_mt, stride_mp,
                  stride_vt, stride_vp,
                  WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    """One Adam(W) step of task t where finite[t]; ``bc1[t] = 1 - beta1^step``,
-    ``bc2[t] = 1 - beta2^step`` at the new step (see the module docstring).
+    """One Adam(W) step of task t where finite[t]; ``step_size[t] = lr[t] / (1 - beta1^step)``
+    and ``sqrt_bc2[t] = sqrt(1 - beta2^step)`` at the new step (see the module docstring).
     Grid: (cdiv(P, BLOCK), T)."""
     if tl.load(finite_ptr + tl.program_id(1)) == 0:
         return
@@ -117,8 +118,8 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
     lr = tl.load(lr_ptr + t)
     if WEIGHT_DECAY:
         w = w * (1.0 - lr * weight_decay)
-    denom = tl.sqrt_rn(v) / tl.sqrt_rn(tl.load(bc2_ptr + t)) + eps
-    w = w - (lr / tl.load(bc1_ptr + t)) * m / denom
+    denom = tl.sqrt_rn(v) / tl.load(sqrt_bc2_ptr + t) + eps
+    w = w - tl.load(step_size_ptr + t) * m / denom
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
     tl.store(f_ptrs, w, mask=mask)
@@ -126,18 +127,23 @@ def _adam_kernel(fast_ptr, grad_ptr, m_ptr, v_ptr, lr_ptr, bc1_ptr, bc2_ptr, fin
 
 def launch_configs():
     """Every (kernel, pointer dtypes, constexprs) ``fused_update`` can launch: all fp32 but the
-    int8 finiteness flags; the two flags of each kernel both ways."""
+    int8 finiteness flags; the two flags of each kernel both ways. The [T, P] buffers are
+    contiguous (the op checks), so their column strides are 1."""
     flags = {"finite_ptr": "*i8"}
-    yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P))
+    bank = {"bank": ("stride_fp", "stride_gp")}
+    yield LaunchConfig("sumsq_partial", _sumsq_partial_kernel, {}, dict(BLOCK=_BLOCK_P),
+                       unit={"bank": ("stride_gp",)})
     for on in (False, True):
         yield LaunchConfig(f"task_norm-clip{int(on)}", _task_norm_kernel, flags,
                            dict(CLIP=on, BLOCK=_NORM_BLOCK))
         yield LaunchConfig(f"sgd-wd{int(on)}", _sgd_kernel, flags,
-                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
+                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P), unit=bank)
         yield LaunchConfig(f"adam-wd{int(on)}", _adam_kernel, flags,
-                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P))
+                           dict(WEIGHT_DECAY=on, BLOCK=_BLOCK_P),
+                           unit={"bank": bank["bank"] + ("stride_mp", "stride_vp")})
 
 
+@launcher
 def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps, weight_decay):
     """Updates every task's fast weights (and the Adam state) in place.
 
@@ -168,14 +174,15 @@ def fused_update(fast, grad, lr, *, optimizer, state, max_grad_norm, betas, eps,
                              WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)
         return norms, finite.view(torch.bool)
     b1, b2 = float(betas[0]), float(betas[1])
-    # [T]-sized bias corrections at the new step, with torch's fp32 pow exactly as the
-    # reference computes them (only read for finite tasks, whose step becomes step + 1).
-    new_step = state.step + 1
-    bc1 = 1 - b1 ** new_step
-    bc2 = 1 - b2 ** new_step
+    # [T]-sized per-task scalars at the new step (only read for finite tasks, whose step becomes
+    # step + 1), the bias corrections in fp64 as the reference and the C++ kernel take them:
+    # 1 - 0.999**step in fp32 cancels to a relative error of about 1e-5.
+    new_step = (state.step + 1).double()
+    step_size = (lr.double() / (1 - b1 ** new_step)).float()
+    sqrt_bc2 = (1 - b2 ** new_step).sqrt().float()
     m, v = state.exp_avg, state.exp_avg_sq
-    _adam_kernel[(NB, T)](fast, grad, m, v, lr, bc1, bc2, finite, coef, P, b1, b2, 1 - b1,
-                          1 - b2, float(eps), float(weight_decay),
+    _adam_kernel[(NB, T)](fast, grad, m, v, lr, step_size, sqrt_bc2, finite, coef, P, b1, b2,
+                          1 - b1, 1 - b2, float(eps), float(weight_decay),
                           fast.stride(0), fast.stride(1), grad.stride(0), grad.stride(1),
                           m.stride(0), m.stride(1), v.stride(0), v.stride(1),
                           WEIGHT_DECAY=weight_decay != 0, BLOCK=_BLOCK_P)

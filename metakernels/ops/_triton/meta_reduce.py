@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LaunchConfig
+from . import LaunchConfig, launcher
 
 _BLOCK_P = 1024
 
@@ -46,9 +46,11 @@ def launch_configs():
     """Every (kernel, pointer dtypes, constexprs) ``meta_reduce`` can launch (all fp32)."""
     for reptile in (False, True):
         yield LaunchConfig(f"meta_reduce-reptile{int(reptile)}", _meta_reduce_kernel, {},
-                           dict(REPTILE=reptile, BLOCK=_BLOCK_P))
+                           dict(REPTILE=reptile, BLOCK=_BLOCK_P),
+                           unit={"bank": ("stride_xp", "stride_w", "stride_theta")})
 
 
+@launcher
 def meta_reduce(kind: str, x: torch.Tensor, weights: torch.Tensor,
                 theta: torch.Tensor | None) -> torch.Tensor:
     """Reduces x [T, P] fp32 with weights [T] fp32 to [P] fp32 (``theta`` [P] for reptile)."""

@@ -32,8 +32,10 @@ Block sizes come from one small table (``_ROW_BLOCKS``, ``_RANK_BLOCKS``, ``_WID
 shape: the rank side of a tile is the rank rounded up to 16, 32 or 64 (``tl.dot`` needs >= 16;
 ranks above 64 tile or loop), the in/out side is 64 (fp32) or 128 (bf16/fp16) wide, and the
 shrink uses 16-row tiles when 64-row tiles would leave the GPU with too few programs (short
-segments, few tasks). ``launch_configs()`` lists every configuration the launchers can choose
-(for the compile test).
+segments, few tasks). The software-pipelining stages follow from the tiles (``_stages``): one
+where the tile loop has a single step (the expand up to rank 64), else as many as keep two
+blocks on an SM. ``launch_configs()`` lists every configuration the launchers can choose (for
+the compile test).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ...layout import TaskLayout
-from . import LaunchConfig
+from . import LaunchConfig, launcher
 
 _ROW_BLOCKS = (16, 64)        # rows of a segment per tile: short segments | the rest
 _RANK_BLOCKS = (16, 32, 64)   # the rank side of a tile (tl.dot needs every dimension >= 16)
@@ -52,7 +54,11 @@ _OUTER_ROWS = 32              # rows per step of the segment-outer reduction
 # 64-row shrink tiles unless that leaves fewer programs than this (two per SM of an H100/H200,
 # 132 SMs): a few-shot step (32 tasks x 128 rows, rank 16) would otherwise fill half the GPU.
 _MIN_PROGRAMS = 264
-_NUM_WARPS, _NUM_STAGES = 4, 3
+_NUM_WARPS, _MAX_STAGES = 4, 3
+# Shared memory of a block's pipelined tiles at most: two blocks per SM on an H100/H200 (228 KiB
+# per SM, 1 KiB of it reserved per block), with room for what the compiler adds (the epilogue).
+_STAGE_BYTES = 100 * 1024
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 _DOT_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -181,6 +187,21 @@ def _shrink_blocks(max_rows: int, T: int, r: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_K=_WIDE_BLOCK[dtype], BLOCK_N=block_n)
 
 
+def _stages(blocks: dict, a_bytes: int, b_bytes: int, one_step: bool = False) -> int:
+    """Pipelining stages of a tile loop over ``[BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]`` steps
+    whose operands have ``a_bytes``/``b_bytes`` per element (the segment-outer loop's tiles
+    are ``[BLOCK_I, BLOCK_M] @ [BLOCK_M, BLOCK_J]``). A loop of a single step has nothing to
+    overlap: its stages would only take shared memory (one block per SM at rank 64). Otherwise
+    as many stages, up to three, as fit ``_STAGE_BYTES``."""
+    if one_step:
+        return 1
+    if "BLOCK_K" in blocks:
+        per_stage = blocks["BLOCK_K"] * (blocks["BLOCK_M"] * a_bytes + blocks["BLOCK_N"] * b_bytes)
+    else:
+        per_stage = blocks["BLOCK_M"] * (blocks["BLOCK_I"] * a_bytes + blocks["BLOCK_J"] * b_bytes)
+    return max(1, min(_MAX_STAGES, _STAGE_BYTES // per_stage))
+
+
 def _expand_blocks(r: int, dtype: torch.dtype) -> dict:
     """``[rows, K = r] @ [K, N = in/out]``: the rank is the K loop (one step up to 64), the wide
     side is tiled over the grid, which gives the parallelism."""
@@ -194,13 +215,34 @@ def _outer_blocks(role: str, r: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=_OUTER_ROWS, BLOCK_I=bi, BLOCK_J=bj)
 
 
+def _shrink_stages(blocks: dict, dtype: torch.dtype) -> int:
+    """The shrink reads the activations (``dtype``) against an fp32 adapter."""
+    return _stages(blocks, _BYTES[dtype], 4)
+
+
+def _expand_stages(r: int, dtype: torch.dtype) -> int:
+    """The expand reads fp32 xa or g against an fp32 adapter; its loop runs over the rank, in
+    one step up to the largest rank block."""
+    blocks = _expand_blocks(r, dtype)
+    return _stages(blocks, 4, 4, one_step=r <= blocks["BLOCK_K"])
+
+
+def _outer_stages(role: str, blocks: dict, dtype: torch.dtype) -> int:
+    """dA = x^T g (x in ``dtype``, g fp32), dB = xa^T dy (xa fp32, dy in ``dtype``)."""
+    act = _BYTES[dtype]
+    return _stages(blocks, act, 4) if role == "dA" else _stages(blocks, 4, act)
+
+
 def _ptr_name(dtype: torch.dtype) -> str:
     return {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
 
 
 def launch_configs():
-    """Every (kernel, pointer dtypes, constexprs) the launchers below can choose: the bank (A, B,
-    xa, g, dA, dB) is fp32, the activations (x, y, dy, dx) are fp32, bf16 or fp16."""
+    """Every (kernel, pointer dtypes, constexprs, stages) the launchers below can choose: the
+    bank (A, B, xa, g, dA, dB) is fp32, the activations (x, y, dy, dx) are fp32, bf16 or fp16.
+    The expand at the largest rank block comes twice: one step (rank up to 64) and a rank loop
+    (above). ``unit``: the strides that are 1 in each kind of launch (A and B are views of a
+    contiguous [T, P] bank row; the backward passes them transposed)."""
     for dtype in _DOT_DTYPE:
         act, dot = _ptr_name(dtype), _DOT_DTYPE[dtype]
         tag = str(dtype).split(".")[-1]
@@ -210,20 +252,28 @@ def launch_configs():
                 yield LaunchConfig(f"sgmv_shrink-{tag}-m{rows}-r{rb}", _sgmv_kernel,
                                    {"inp_ptr": act, "offsets_ptr": "*i32"},
                                    dict(ACCUMULATE=False, DOT_DTYPE=dot, **blocks),
-                                   _NUM_WARPS, _NUM_STAGES)
-            yield LaunchConfig(f"sgmv_expand-{tag}-r{rb}", _sgmv_kernel,
-                               {"out_ptr": act, "offsets_ptr": "*i32"},
-                               dict(ACCUMULATE=True, DOT_DTYPE=dot, **_expand_blocks(rb, dtype)),
-                               _NUM_WARPS, _NUM_STAGES)
+                                   _NUM_WARPS, _shrink_stages(blocks, dtype),
+                                   unit={"fwd": ("stride_ik", "stride_wn", "stride_on"),
+                                         "bwd": ("stride_ik", "stride_wk", "stride_on")})
+            ranks = (rb, rb + 1) if rb == _RANK_BLOCKS[-1] else (rb,)
+            for r in ranks:
+                loop = "-loop" if r > rb else ""
+                yield LaunchConfig(f"sgmv_expand-{tag}-r{rb}{loop}", _sgmv_kernel,
+                                   {"out_ptr": act, "offsets_ptr": "*i32"},
+                                   dict(ACCUMULATE=True, DOT_DTYPE=dot, **_expand_blocks(r, dtype)),
+                                   _NUM_WARPS, _expand_stages(r, dtype),
+                                   unit={"fwd": ("stride_ik", "stride_wn", "stride_on"),
+                                         "bwd": ("stride_ik", "stride_wk", "stride_on")})
             for role, ptrs in (("dA", {"lhs_ptr": act}), ("dB", {"rhs_ptr": act})):
+                blocks = _outer_blocks(role, rb, dtype)
                 yield LaunchConfig(f"segment_outer_{role}-{tag}-r{rb}", _segment_outer_kernel,
-                                   dict(ptrs, offsets_ptr="*i32"),
-                                   dict(DOT_DTYPE=dot, **_outer_blocks(role, rb, dtype)),
-                                   _NUM_WARPS, _NUM_STAGES)
+                                   dict(ptrs, offsets_ptr="*i32"), dict(DOT_DTYPE=dot, **blocks),
+                                   _NUM_WARPS, _outer_stages(role, blocks, dtype),
+                                   unit={"bwd": ("stride_li", "stride_rj", "stride_oj")})
 
 
 def _sgmv(inp, w, out, layout: TaskLayout, scale: float, accumulate: bool, blocks: dict,
-          dtype: torch.dtype) -> None:
+          stages: int, dtype: torch.dtype) -> None:
     """``out[s_t:e_t] (+)= scale * inp[s_t:e_t] @ w[t]`` for every task (in place in ``out``)."""
     max_rows = max(layout.sizes)
     if max_rows == 0:
@@ -234,19 +284,21 @@ def _sgmv(inp, w, out, layout: TaskLayout, scale: float, accumulate: bool, block
         inp, w, out, layout.offsets_tensor(inp.device), K, N, float(scale),
         inp.stride(0), inp.stride(1), w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1), ACCUMULATE=accumulate, DOT_DTYPE=_dot_dtype(dtype),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, **blocks)
+        num_warps=_NUM_WARPS, num_stages=stages, **blocks)
 
 
 def _shrink(inp, w, out, layout: TaskLayout) -> None:
     """``out[s_t:e_t] = inp[s_t:e_t] @ w[t]``, w [T, in/out, r]; products in inp's dtype."""
     blocks = _shrink_blocks(max(layout.sizes), layout.num_tasks, w.shape[-1], inp.dtype)
-    _sgmv(inp, w, out, layout, 1.0, False, blocks, inp.dtype)
+    _sgmv(inp, w, out, layout, 1.0, False, blocks, _shrink_stages(blocks, inp.dtype), inp.dtype)
 
 
 def _expand_(inp, w, out, layout: TaskLayout, scale: float) -> None:
     """``out[s_t:e_t] += scale * inp[s_t:e_t] @ w[t]``, w [T, r, in/out]; products in out's
     dtype (the activations')."""
-    _sgmv(inp, w, out, layout, scale, True, _expand_blocks(w.shape[1], out.dtype), out.dtype)
+    r = w.shape[1]
+    _sgmv(inp, w, out, layout, scale, True, _expand_blocks(r, out.dtype),
+          _expand_stages(r, out.dtype), out.dtype)
 
 
 def _segment_outer_(out, lhs, rhs, layout: TaskLayout, scale: float, role: str,
@@ -255,14 +307,16 @@ def _segment_outer_(out, lhs, rhs, layout: TaskLayout, scale: float, role: str,
     in ``dtype`` (the activations')."""
     T, I, J = out.shape
     blocks = _outer_blocks(role, J if role == "dA" else I, dtype)
+    stages = _outer_stages(role, blocks, dtype)
     grid = (triton.cdiv(I, blocks["BLOCK_I"]), triton.cdiv(J, blocks["BLOCK_J"]), T)
     _segment_outer_kernel[grid](
         lhs, rhs, out, layout.offsets_tensor(lhs.device), I, J, float(scale),
         lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
         out.stride(0), out.stride(1), out.stride(2), DOT_DTYPE=_dot_dtype(dtype),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, **blocks)
+        num_warps=_NUM_WARPS, num_stages=stages, **blocks)
 
 
+@launcher
 def fwd(x, W, b, A, B, layout: TaskLayout, scale: float):
     """Forward of ``multi_lora_linear``.
 
@@ -286,6 +340,7 @@ def fwd(x, W, b, A, B, layout: TaskLayout, scale: float):
     return y, xa
 
 
+@launcher
 def bwd(dy, x, W, A, B, xa, layout: TaskLayout, scale: float, dA, dB, need_dx: bool):
     """Backward of ``multi_lora_linear``.
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ...batch import IGNORE_INDEX
 from ...layout import TaskLayout
-from . import LaunchConfig
+from . import LaunchConfig, launcher
 
 # One vocabulary block for every V (masked beyond V): a GPU reads a masked lane for free, and one
 # value keeps the compiled variants few (tests/test_triton_compile.py compiles each).
@@ -118,10 +118,11 @@ def launch_configs():
     for dtype, ptr in _LOGITS_TYPES.items():
         yield LaunchConfig(f"ce_chunk-{str(dtype).split('.')[-1]}", _ce_chunk_kernel,
                            {"logits_ptr": ptr, "labels_ptr": "*i64", "task_ids_ptr": "*i32"},
-                           dict(BLOCK_V=_BLOCK_V))
+                           dict(BLOCK_V=_BLOCK_V), unit={"chunk": ("stride_lv",)})
     yield LaunchConfig("segment_mean", _segment_mean_kernel, index, dict(BLOCK=_BLOCK_ROWS))
 
 
+@launcher
 def fwd(h: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, layout: TaskLayout,
         chunk_size: int):
     """Per-task token-mean cross-entropy and its gradient w.r.t. h, chunked over rows.

@@ -54,10 +54,15 @@ def run_script(script, *args, timeout=900, returncode=0):
 
 
 def bench_module(name):
-    """``bench.<name>``, the package of this checkout."""
+    """``bench.<name>``, the package of this checkout. (``bench/ops.py`` imports its sibling
+    ``common`` by the script's own directory, which is on the path while it is imported.)"""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    return importlib.import_module(f"bench.{name}")
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def read_csv(path):

@@ -56,6 +56,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")
 
 
+def usage_error(message: str) -> None:
+    """Exits with status 2 after one line ``error: <message>`` (a flag or file to fix)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def require_device(device: str) -> None:
     """Exits with one line unless ``device`` can run here."""
     if device == "cuda" and not torch.cuda.is_available():

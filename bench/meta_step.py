@@ -3,7 +3,7 @@
 One meta-step: T tasks, K inner SGD steps on each task's support set, then the gradient of each
 task's query loss at its adapted fast weights, averaged over tasks (the meta-gradient). Every
 variant starts from the same model weights, the same initial adapters (theta) and the same data
-(``bench/runner.py`` builds them), with the base model in ``--dtype`` (float32 or bfloat16; the
+(``bench/workloads.py`` builds them), with the base model in ``--dtype`` (float32 or bfloat16; the
 adapters, theta and the fast weights stay fp32 in every variant) on ``--device`` (cpu or cuda):
 
     metakernels-<backend>  ``fomaml_step``: all tasks in one pass over the frozen base, on every
@@ -11,8 +11,8 @@ adapters, theta and the fast weights stay fp32 in every variant) on ``--device``
                            ``metakernels._C`` is built, on the CPU; triton on a GPU);
                            ``--task-chunk C`` runs it C tasks at a time (the memory-saving mode,
                            reported as ``metakernels-<backend>-chunkC``)
-    metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms,
-                           without the C++ kernels of csrc/fused_layers.cpp and csrc/attention.cpp
+    metakernels-cpu-torchlayers  (only with ``--variant``) the fused layers in their torch forms
+                           (``backend.use("layer_kernels", "off")``), without their C++ kernels
     metakernels-cpu-blas   (only with ``--variant``) the cpu step with ATen's GEMMs (MKL) for the
                            frozen base instead of oneDNN's (``metakernels.gemm``)
     metakernels-<b>-plain  (only with ``--variant``) the same without the fused RMSNorm/SwiGLU/
@@ -36,7 +36,7 @@ and vmap; on a GPU (``--device cuda``) naive-peft, metakernels-triton, metakerne
 Before anything is timed, each variant's meta-gradient on the LoRA parameters is checked against
 naive-peft at a tiny size, in the run's dtype and on its device, on a uniform and a ragged layout
 (relative error below 1e-4 in fp32, below 4u = 2^-6 in bf16, u = 2^-8 bf16's unit roundoff:
-``runner.CHECK_RTOL``; naive-full trains other parameters: it must run and give a finite loss).
+``variants.CHECK_RTOL``; naive-full trains other parameters: it must run and give a finite loss).
 After timing, each variant's meta-gradient at the benchmark size is compared with naive-peft's
 again and the relative error is reported.
 
@@ -48,12 +48,12 @@ rounds of each round's step against the floor at the GEMM rate measured right af
 which a machine whose speed drifts between minutes moves less), and the peak memory:
 
 - CPU: the peak RSS minus the RSS just before the step, of a fresh process that runs that
-  variant alone (``python bench/runner.py --variant X ...``; on Linux the peak is ``VmHWM``,
+  variant alone (``python -m bench.measure --variant X ...``; on Linux the peak is ``VmHWM``,
   ``ru_maxrss`` without the parent's RSS that ``ru_maxrss`` inherits across ``exec``);
 - GPU: ``torch.cuda.max_memory_allocated`` over one more step, reset before it, minus what was
   allocated before it; the ``base`` column is what the variant's model, adapters and data hold.
 
-FLOP floor: the step's FLOPs (``runner.flop_floor``: 2P forward + 2P input gradient of the
+FLOP floor: the step's FLOPs (``measure.flop_floor``: 2P forward + 2P input gradient of the
 frozen base per token, the output layer on the labelled tokens only, LoRA and causal attention
 terms) divided by the best GEMM rate in the run's dtype measured on the same machine in the same
 run (before, between the rounds and after them): square products at the model's hidden size
@@ -69,7 +69,7 @@ Commands::
     python bench/meta_step.py --preset fewshot --sweep-tasks
     python bench/meta_step.py --preset gpu-fewshot --device cuda --dtype bfloat16  # gpu-large
     python bench/meta_step.py --quick --csv /tmp/m.csv    # every variant once, tiny sizes
-    python bench/meta_step.py --model-path DIR --targets all-linear
+    python bench/meta_step.py --model DIR --dtype bfloat16   # any Hugging Face checkpoint
 
 What the step spends its time on (a profile and its GEMMs replayed, the time per kind of kernel,
 the step without each kernel, the cores' contention): ``bench/diagnose.py``.
@@ -77,24 +77,29 @@ Results are appended to ``bench/results/meta_step.csv``; ``bench/plot.py`` draws
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a script: the checkout's bench/ package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import dataclasses
 import gc
 import math
 import os
 import statistics
-from pathlib import Path
 
-from common import (RESULTS, append_csv, print_table, quantiles, require_device, run_metadata,
-                    settle_run_args)
+import torch
 
-import torch  # noqa: E402
-
-from runner import (VARIANT_CHOICES, Workload, add_workload_args, backend_of,  # noqa: E402
-                    check_variants, cuda_allocated, cuda_step_memory, flop_floor, floor_rates,
-                    initial_adapters, make_data, make_variant, malloc_setting, measure_memory,
-                    model_config, rel_err, resolve_workload, select_variants, time_variants,
-                    tokens_per_step)
+from bench.common import (RESULTS, append_csv, print_table, quantiles, require_device,
+                          run_metadata, settle_run_args)
+from bench.measure import (cuda_allocated, cuda_step_memory, flop_floor, floor_rates,
+                           malloc_setting, measure_memory, time_variants, tokens_per_step)
+from bench.variants import (VARIANT_CHOICES, backend_of, check_variants, make_variant, rel_err,
+                            select_variants)
+from bench.workloads import (Workload, add_workload_args, initial_adapters, make_data,
+                             model_config, resolve_workload)
 
 SWEEP_TASKS = (1, 2, 4, 8, 16, 32)
 QUICK_SWEEP_TASKS = (1, 2)

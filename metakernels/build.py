@@ -26,8 +26,11 @@ def set_kernel_choices(cfg: Config) -> None:
 
 def build_tokenizer(cfg: Config):
     from .data.tokenizer import load_tokenizer
+    from .models import load_gguf_tokenizer
 
     check_model_path(cfg.model.path)
+    if cfg.model.gguf_file is not None:
+        return load_gguf_tokenizer(cfg.model.gguf_file)
     return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
@@ -53,10 +56,15 @@ def build_tasks(cfg: Config, tokenizer, split: str = "train"):
 
 
 def build_model(cfg: Config, vocab_size: int):
-    """The frozen base: a local checkpoint (``model.path``) or a tiny random model."""
+    """The frozen base: a local checkpoint (``model.path``), a GGUF checkpoint dequantized
+    (``model.gguf_file``) or a tiny random model."""
     m = cfg.model
     attn = "eager" if cfg.meta.algorithm == "maml" else m.attn_implementation
-    if m.path is not None:
+    if m.gguf_file is not None:
+        from .models import load_gguf
+
+        model = load_gguf(m.gguf_file, DTYPES[m.dtype], attn)
+    elif m.path is not None:
         from transformers import AutoModelForCausalLM
 
         check_model_path(m.path)

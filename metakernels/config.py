@@ -21,6 +21,8 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class ModelConfig:
     path: Union[str, None] = None          # a local Hugging Face causal LM; None: a tiny model
+    # a GGUF checkpoint file instead of model.path, dequantized to model.dtype (needs gguf)
+    gguf_file: Union[str, None] = None
     family: str = "llama"                  # the tiny model's architecture (no download)
     hidden_size: int = 128
     num_layers: int = 4
@@ -77,7 +79,10 @@ class MetaConfig:
     warmup_steps: int = 10
     lr_schedule: str = "cosine"            # cosine | constant
     task_sampling: str = "uniform"         # uniform | loss
-    task_chunk: int = 0                    # run a meta-batch's tasks in chunks of this many; 0: all
+    # run a meta-batch's tasks in chunks of this many; 0: all; auto: the largest chunk whose
+    # activations fit meta.memory_budget_mb (metakernels/meta/chunked.py, ChunkPlanner)
+    task_chunk: Union[int, str] = 0
+    memory_budget_mb: float = 0.0
     # fixed | per_layer_step | per_parameter: learned inner rates (metakernels/meta/inner_lr.py),
     # each starting at inner_lr, stepped by the outer optimizer beside theta
     inner_lr_mode: str = "fixed"
@@ -334,13 +339,33 @@ def validate(cfg: Config) -> None:
     non_negative = {"meta.num_inner_steps": me.num_inner_steps,
                     "meta.inner_max_grad_norm": me.inner_max_grad_norm,
                     "meta.weight_decay": me.weight_decay, "meta.max_grad_norm": me.max_grad_norm,
-                    "meta.warmup_steps": me.warmup_steps, "meta.task_chunk": me.task_chunk,
+                    "meta.warmup_steps": me.warmup_steps,
+                    "meta.memory_budget_mb": me.memory_budget_mb,
                     "meta.multi_step_loss_steps": me.multi_step_loss_steps,
                     "trainer.max_nonfinite_steps": tr.max_nonfinite_steps,
                     "trainer.eval_every": tr.eval_every, "trainer.eval_shots": tr.eval_shots}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if me.task_chunk == "auto":
+        if not me.memory_budget_mb > 0:
+            raise ConfigError("meta.task_chunk=auto: give the activation memory a step may take "
+                              "as meta.memory_budget_mb (MB, > 0)")
+        if tr.shard_base:
+            raise ConfigError("meta.task_chunk=auto: trainer.shard_base needs the same chunks "
+                              "in every process; give meta.task_chunk a number")
+    elif isinstance(me.task_chunk, str) or me.task_chunk < 0:
+        raise ConfigError(f"meta.task_chunk: {me.task_chunk!r} is neither a number >= 0 nor "
+                          f"auto")
+    elif me.memory_budget_mb:
+        raise ConfigError("meta.memory_budget_mb is read only with meta.task_chunk=auto; set "
+                          "both, or neither")
+    if m.gguf_file is not None and m.path is not None:
+        raise ConfigError("model.path and model.gguf_file both set: give one (a Hugging Face "
+                          "directory or a GGUF file)")
+    if not math.isfinite(tr.collective_timeout_s):
+        raise ConfigError(f"trainer.collective_timeout_s: must be a finite number of seconds, "
+                          f"got {tr.collective_timeout_s}")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length: must be >= 2 (a prompt token and a response "
                           f"token), got {d.max_length}")

@@ -23,7 +23,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, dump_config
 from .errors import UserError
 from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multitask_step, naive_step
-from .meta.chunked import chunked_step
+from .meta.chunked import chunked_step, task_chunk_setting
 from .meta.inner_lr import InnerRates, msl_weights
 from .peft_adapter import peft_theta
 from .run_dir import clear_run, new_run_id
@@ -173,6 +173,7 @@ class Trainer:
         self.inner = InnerConfig(lr=cfg.meta.inner_lr, num_steps=cfg.meta.num_inner_steps,
                                  optimizer=cfg.meta.inner_optimizer,
                                  max_grad_norm=cfg.meta.inner_max_grad_norm)
+        self.task_chunk = task_chunk_setting(cfg.meta, cfg.meta.inner_optimizer)
         self.step = 0
         self.run_id = new_run_id()
         self.nonfinite_in_a_row = 0
@@ -246,7 +247,7 @@ class Trainer:
         learned = {"rates": self.rates, "msl": self.msl()} if algo in ("fomaml", "maml") else {}
         if algo in ("fomaml", "reptile"):
             return chunked_step(algo, self.model, self.bank, support, query, self.inner,
-                                self.cfg.meta.task_chunk, **learned)
+                                self.task_chunk, **learned)
         if algo == "maml":
             return maml_step(self.model, self.bank, support, query, self.inner, **learned)
         if algo == "multitask":

@@ -6,6 +6,7 @@ checked against the per-task PEFT loop before it is timed), and so is what the F
 made of."""
 import csv
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -38,7 +39,7 @@ OPS_COLUMNS = ["timestamp", "git_rev", "machine", "cores", "threads", "torch", "
 OPS_POSITIVE = ["cores", "threads", "median_ms", "p20_ms", "p80_ms", "throughput",
                 "speedup_vs_reference"]
 BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
-BF16_RTOL = 4 * 2.0 ** -8   # 4u, u = bf16's unit roundoff (bench/runner.py, CHECK_RTOL)
+BF16_RTOL = 4 * 2.0 ** -8   # 4u, u = bf16's unit roundoff (bench/variants.py, CHECK_RTOL)
 
 
 def run_script(script, *args, timeout=900, returncode=0):
@@ -53,10 +54,13 @@ def run_script(script, *args, timeout=900, returncode=0):
 
 
 def bench_module(name):
-    """``bench/<name>.py`` imported (the scripts import their siblings by name)."""
+    """``bench.<name>``, the package of this checkout. (``bench/ops.py`` imports its sibling
+    ``common`` by the script's own directory, which is on the path while it is imported.)"""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(BENCH))
     try:
-        return __import__(name)
+        return importlib.import_module(f"bench.{name}")
     finally:
         sys.path.remove(str(BENCH))
 
@@ -171,9 +175,10 @@ def test_plot_draws_both_csvs(meta_step_csv, ops_csv, tmp_path):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
 def test_meta_step_extra_variants_match_naive_peft(tmp_path):
-    """The variants that switch an optimisation off (the fused layers' C++ kernels; the fused
-    layers and loss; oneDNN's GEMMs) or on (naive-peft on oneDNN's GEMMs) compute the same
-    meta-gradient as naive-peft. (Their memory is the median of two fresh processes each.)"""
+    """The variants that switch an optimisation off (the layers' kernels; the fused layers and
+    loss, through the step's ``loss_fn``; oneDNN's GEMMs) or on (naive-peft on oneDNN's GEMMs)
+    compute the same meta-gradient as naive-peft. (Their memory is the median of two fresh
+    processes each.)"""
     path = tmp_path / "extra.csv"
     extra = ["metakernels-cpu-blas", "metakernels-cpu-plain", "metakernels-cpu-torchlayers",
              "naive-peft-onednn"]
@@ -190,9 +195,10 @@ def test_meta_step_extra_variants_match_naive_peft(tmp_path):
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
 def test_diagnose_ablate_removes_each_kernel_and_restores_the_step():
-    """--ablate times the step with each non-GEMM kernel removed and with all removed: every
-    ablation must change the meta-gradient (else it removed nothing), and the step must give its
-    own meta-gradient again afterwards (the kernels put back)."""
+    """--ablate times the step with each non-GEMM kernel removed from the model's modules and
+    with all removed: every ablation must change the meta-gradient (else it removed nothing, and
+    the script exits), and the step must give its own meta-gradient again afterwards (the
+    modules put back)."""
     r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--ablate",
                    "--threads", "1", "--repeats", "1")
     out = r.stdout
@@ -206,30 +212,59 @@ def test_diagnose_ablate_removes_each_kernel_and_restores_the_step():
                           "without SwiGLU", "without RMSNorm", "without rotary",
                           "without all of them"}, out
     assert all(t > 0 for t in modes.values())
-    assert "ablations took effect (meta-gradient changed): 6 of 6; the step restored after " \
-           "them: True" in out
+    assert "every ablation changed the meta-gradient; the step restored after them" in out
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
 def test_diagnose_breakdown_accounts_for_the_step():
-    """--breakdown prints one line per kind of autograd function of the step, each with a time
-    that is not negative, "everything else" included (the functions' times do not add up to
-    more than the step), and the one-thread against two-thread comparison."""
+    """--breakdown prints one line per library op the profiler saw in the step (by its
+    ``metakernels::<op>`` name), each with a time that is not negative, "everything else"
+    included (the ops' times do not add up to more than the step), and the one-thread against
+    two-thread comparison."""
+    diagnose = bench_module("diagnose")
     r = run_script("diagnose.py", "--quick", "--variant", "metakernels-cpu", "--breakdown",
                    "--threads", "2", "--repeats", "2")
     out = r.stdout
-    assert "wall time per step inside its autograd functions" in out
+    assert "wall time per step inside the library's ops" in out
     lines = {}
     for line in out.splitlines():
         m = re.match(r"\s+(.+?)\s+(-?[\d.]+) ms\s+(-?[\d.]+)%$", line)
         if m:
             lines[m.group(1)] = float(m.group(2))
-    assert set(lines) == {"frozen-base GEMMs (frozen_linear)", "LoRA projections with their base "
-                          "GEMMs", "attention kernel", "SwiGLU", "loss (segment_cross_entropy)",
-                          "rotary", "RMSNorm", "everything else"}
+    # every op of a cpu step on the fused layers, and nothing the breakdown cannot name
+    assert set(lines) == set(diagnose.OP_LABELS.values()) | {"everything else"}, lines
     assert all(v >= 0 for v in lines.values()), lines
     assert lines["LoRA projections with their base GEMMs"] > 0 and lines["attention kernel"] > 0
     assert re.search(r"1 thread [\d.]+ s, 2 threads [\d.]+ s .*serial part at most", out)
+
+
+def test_op_times_sums_each_ops_outermost_ranges():
+    """The breakdown's grouping of profiler ranges: forward and backward apart, by op name, a
+    range nested in another library op's range counted once (in the outer op), other ranges
+    ignored."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    diagnose = bench_module("diagnose")
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("metakernels::rms_norm.forward"):
+            x @ x
+            with record_function("metakernels::swiglu.backward"):
+                x @ x
+        with record_function("metakernels::swiglu.backward"):
+            x @ x
+        with record_function("other::rotary.forward"):
+            x @ x
+    events = prof.events()
+    got = diagnose.op_times(events)
+    assert set(got) == {"rms_norm", "swiglu"}
+    assert got["rms_norm"][1] == 0 and got["swiglu"][0] == 0
+    outer = [e for e in events if e.name == "metakernels::rms_norm.forward"]
+    swiglu = [e for e in events if e.name == "metakernels::swiglu.backward"]
+    assert len(outer) == 1 and len(swiglu) == 2
+    assert got["rms_norm"][0] == pytest.approx(outer[0].cpu_time_total / 1e6)
+    top = [e for e in swiglu if e.cpu_parent is None or e.cpu_parent.name != outer[0].name]
+    assert got["swiglu"][1] == pytest.approx(top[0].cpu_time_total / 1e6)
 
 
 @pytest.mark.skipif(not backend.cpu_available(), reason="needs the C++ extension")
@@ -258,10 +293,10 @@ def test_flop_floor_counts_what_the_step_needs():
     """The floor's FLOPs, by hand for a tiny Llama: every linear's forward and input gradient
     per token, but the output layer only on the labelled tokens and no input gradient for the
     first layer's q, k and v (they read the frozen embeddings); the LoRA and attention terms."""
-    ms = bench_module("runner")
-    w = dataclasses.replace(ms.check_workloads(ms.Workload())[1], inner_steps=3)
-    adapters = ms.initial_adapters(w)
-    support, query = ms.make_data(w, w.vocab_size)
+    ws, ms = bench_module("workloads"), bench_module("measure")
+    w = dataclasses.replace(ws.check_workloads(ws.Workload())[1], inner_steps=3)
+    adapters = ws.initial_adapters(w)
+    support, query = ws.make_data(w, w.vocab_size)
     d, inter, V, n_layers = w.hidden_size, w.intermediate_size, w.vocab_size, w.num_layers
     kv = d // w.num_heads * w.num_kv_heads
     layer = d * d + 2 * kv * d + d * d + 3 * d * inter        # q, k, v, o, gate, up, down
@@ -295,11 +330,11 @@ def meta_step_bf16_csv(tmp_path_factory):
 
 
 def quick_workload(*flags):
-    runner = bench_module("runner")
+    workloads = bench_module("workloads")
     import argparse
     p = argparse.ArgumentParser()
-    runner.add_workload_args(p)
-    return runner.resolve_workload(p.parse_args(["--quick", *flags]))
+    workloads.add_workload_args(p)
+    return workloads.resolve_workload(p.parse_args(["--quick", *flags]))
 
 
 def test_meta_step_bf16_quick_agrees_with_naive_peft_to_bf16_rounding(meta_step_bf16_csv):
@@ -323,11 +358,11 @@ def test_bf16_floor_is_the_steps_flops_at_the_best_bf16_gemm_rate(meta_step_bf16
     the rate of a GEMM library that multiplies in bf16; every library timed computes the bf16
     product (so the rate is a bf16 GEMM's), oneDNN's among them where this CPU has bf16 support."""
     import torch
-    runner, common = bench_module("runner"), bench_module("common")
+    workloads, common = bench_module("workloads"), bench_module("common")
     w = quick_workload("--dtype", "bfloat16")
-    adapters = runner.initial_adapters(w)
-    support, query = runner.make_data(w, w.vocab_size)
-    flops = runner.flop_floor(w, adapters, support, query)
+    adapters = workloads.initial_adapters(w)
+    support, query = workloads.make_data(w, w.vocab_size)
+    flops = bench_module("measure").flop_floor(w, adapters, support, query)
     fns = common.gemm_functions(96, torch.bfloat16)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert set(fns) == {"blas", "onednn"}
@@ -383,20 +418,20 @@ def test_csv_of_the_earlier_columns_is_extended_and_plotted(meta_step_csv, meta_
 def test_gpu_presets_and_variants():
     """The GPU presets are the 1B-class Llama they are documented as; on the CPU the GPU-only
     variant (triton) is never chosen, on a GPU the CPU-only ones are not."""
-    runner = bench_module("runner")
+    workloads, variants = bench_module("workloads"), bench_module("variants")
     import argparse
     p = argparse.ArgumentParser()
-    runner.add_workload_args(p)
-    w = runner.resolve_workload(p.parse_args(["--preset", "gpu-fewshot"]))
+    workloads.add_workload_args(p)
+    w = workloads.resolve_workload(p.parse_args(["--preset", "gpu-fewshot"]))
     assert w.describe_model() == "llama d2048 l16 h32/8 ff8192 v32000"
     assert (w.num_tasks, w.support_sizes(), w.query_rows, w.seq_len, w.inner_steps, w.rank,
             w.targets) == (32, [2] * 32, 2, 64, 5, 16, "qkvo")
-    large = runner.resolve_workload(p.parse_args(["--preset", "gpu-large"]))
+    large = workloads.resolve_workload(p.parse_args(["--preset", "gpu-large"]))
     assert large.describe_model() == w.describe_model()
     assert large.seq_len > w.seq_len and large.num_tasks < w.num_tasks
-    assert "metakernels-triton" not in runner.select_variants(None, "cpu")
-    assert not runner.can_run("metakernels-cpu", "cuda")
-    assert not runner.can_run("naive-full", "cuda")
+    assert "metakernels-triton" not in variants.select_variants(None, "cpu")
+    assert not variants.can_run("metakernels-cpu", "cuda")
+    assert not variants.can_run("naive-full", "cuda")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the GPU's absence")
@@ -421,3 +456,42 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert "No GPU" in summary
     assert "| compile checks | skipped (GPU_CHECK_SKIP_PYTEST=1) | 0 |" in summary
     assert not (tmp_path / "out" / "meta_step.csv").exists()
+
+
+@pytest.mark.parametrize("script,mode", [("meta_step.py", ()), ("diagnose.py", ("--profile",))])
+def test_model_flag_without_a_checkpoint_exits_2_with_one_line(script, mode, tmp_path):
+    r = run_script(script, "--quick", "--model", tmp_path, *mode, returncode=2)
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith(f"error: --model {tmp_path}: no config.json there")
+
+
+def test_meta_step_on_a_checkpoint_directory(tmp_path):
+    """--model DIR: any Hugging Face directory (here a tiny Llama with grouped-query attention
+    and tied embeddings, saved), the preset's task shapes over its weights, checked first on its
+    architecture in 2 layers of random weights."""
+    import torch
+    from metakernels.models import tiny_config
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("llama", vocab_size=211, hidden_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, intermediate_size=96)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    path = tmp_path / "m.csv"
+    variants = ["naive-peft"] + [f"metakernels-{b}" for b in BACKENDS]
+    r = run_script("meta_step.py", "--quick", "--model", tmp_path / "model", "--csv", path,
+                   *[a for v in variants for a in ("--variant", v)])
+    checks = re.findall(r"check .*? (\S+)\s+meta-gradient rel. error \S+ .*? ok", r.stdout)
+    assert sorted(checks) == sorted(variants[1:] * 2), r.stdout
+    _, rows = read_csv(path)
+    assert sorted(r["variant"] for r in rows) == sorted(variants)
+    for row in rows:
+        assert row["model"] == str(tmp_path / "model")
+        assert_positive(row, META_STEP_POSITIVE)
+        if row["variant"] != "naive-peft":
+            assert float(row["rel_err_vs_naive_peft"]) < 1e-4
+    w = bench_module("workloads").check_workloads(
+        bench_module("workloads").Workload(model=str(tmp_path / "model")))[0]
+    model = bench_module("workloads").build_base(w)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 211
+    assert model.lm_head.weight is model.model.embed_tokens.weight

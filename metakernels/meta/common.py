@@ -3,6 +3,7 @@ the result of one meta-step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -96,6 +97,11 @@ def task_losses(model: nn.Module, batch: PackedBatch,
     h = hidden_states(model, batch)
     W = model.get_output_embeddings().weight
     return segment_cross_entropy(h, W, batch.labels.reshape(-1), batch.token_layout, chunk_size)
+
+
+# What the batched steps call for the per-task losses: (model, batch, chunk_size) -> [T], task
+# t's loss a function of its own rows only (so that one backward gives every task its gradient).
+LossFn = Callable[[nn.Module, PackedBatch, "int | None"], torch.Tensor]
 
 
 def causal_lm_loss(model: nn.Module, batch: PackedBatch) -> torch.Tensor:

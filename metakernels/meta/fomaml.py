@@ -20,16 +20,19 @@ import torch.nn as nn
 from ..bank import AdapterBank
 from ..batch import PackedBatch
 from ..ops import fused_update, meta_reduce
-from .common import InnerConfig, StepResult, finite_rows, normalized_weights, task_losses
+from .common import (InnerConfig, LossFn, StepResult, finite_rows, normalized_weights,
+                     task_losses)
 from .inner_lr import InnerRates
 
 
 def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: InnerConfig,
                chunk_size: int | None = None, rates: InnerRates | None = None,
                directions: torch.Tensor | None = None,
-               after_step: Callable[[int], None] | None = None
+               after_step: Callable[[int], None] | None = None, loss_fn: LossFn = task_losses
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1: adapts ``bank.fast`` (one row per task, starting at theta) on the support sets.
+    ``loss_fn(model, batch, chunk_size)`` gives the per-task losses [T] (default
+    ``task_losses``: ``segment_cross_entropy`` without the logits).
 
     ``rates``: learned rates (``lr[t] = 1`` times them) instead of ``cfg.lr``; ``directions``
     (``rates.new_directions``) then receives the steps' update directions. ``after_step(k)``
@@ -47,7 +50,7 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
     for k in range(cfg.num_steps):
         bank.grad.zero_()
         with bank.activate(bank.fast, layout, bank.grad):
-            losses = task_losses(model, support, chunk_size)
+            losses = loss_fn(model, support, chunk_size)
             losses.sum().backward()
         kw = {}
         if rates is not None:
@@ -67,12 +70,12 @@ def inner_loop(model: nn.Module, bank: AdapterBank, support: PackedBatch, cfg: I
 
 
 def query_gradients(model: nn.Module, bank: AdapterBank, query: PackedBatch,
-                    chunk_size: int | None = None) -> torch.Tensor:
+                    chunk_size: int | None = None, loss_fn: LossFn = task_losses) -> torch.Tensor:
     """Stage 2: per-task query losses [T] at the fast weights; their gradients land in
     ``bank.grad``."""
     bank.grad.zero_()
     with bank.activate(bank.fast, query.token_layout, bank.grad):
-        losses = task_losses(model, query, chunk_size)
+        losses = loss_fn(model, query, chunk_size)
         losses.sum().backward()
     return losses.detach()
 
@@ -80,8 +83,9 @@ def query_gradients(model: nn.Module, bank: AdapterBank, query: PackedBatch,
 def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query: PackedBatch,
                 cfg: InnerConfig, weights: torch.Tensor | None = None,
                 chunk_size: int | None = None, rates: InnerRates | None = None,
-                msl: Sequence[float] | None = None) -> StepResult:
+                msl: Sequence[float] | None = None, loss_fn: LossFn = task_losses) -> StepResult:
     """One batched FOMAML / Meta-LoRA meta-step; returns the meta-gradient (not applied).
+    ``loss_fn``: the per-task losses, as in ``inner_loop``.
 
     Semantics::
 
@@ -98,9 +102,10 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
         raise ValueError(f"fomaml_step: support has {support.num_tasks} tasks, query "
                          f"{query.num_tasks}")
     if rates is not None or msl is not None:
-        return _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates, msl)
-    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size)
-    qlosses = query_gradients(model, bank, query, chunk_size)
+        return _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates, msl,
+                               loss_fn)
+    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size, loss_fn=loss_fn)
+    qlosses = query_gradients(model, bank, query, chunk_size, loss_fn)
     keep = alive & torch.isfinite(qlosses) & finite_rows(bank.grad)
     w = normalized_weights(support.num_tasks, weights, keep, bank.device)
     # a dropped task's row may hold NaNs, which a zero weight would still propagate
@@ -109,7 +114,8 @@ def fomaml_step(model: nn.Module, bank: AdapterBank, support: PackedBatch, query
     return StepResult(meta_grad, hist, qlosses, w, ~keep, norms)
 
 
-def _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates, msl):
+def _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates, msl,
+                    loss_fn):
     """``fomaml_step`` with learned rates and/or the multi-step loss."""
     T, K = support.num_tasks, cfg.num_steps
     if msl is not None and len(msl) != K:
@@ -129,7 +135,7 @@ def _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates
         nonlocal acc, rate_acc, qlosses
         if vs[k] == 0.0:
             return
-        qlosses = query_gradients(model, bank, query, chunk_size)
+        qlosses = query_gradients(model, bank, query, chunk_size, loss_fn)
         good = torch.isfinite(qlosses) & finite_rows(bank.grad)
         ok.logical_and_(good)
         g = bank.grad if bool(good.all()) else torch.where(good[:, None], bank.grad, 0.0)
@@ -140,7 +146,7 @@ def _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates
             rate_acc = r.mul_(vs[k]) if rate_acc is None else rate_acc.add_(r, alpha=vs[k])
 
     hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size, rates, directions,
-                                    query_point)
+                                    query_point, loss_fn)
     keep = alive & ok
     w = normalized_weights(T, weights, keep, bank.device)
     grad = acc if acc is not None else bank.grad
@@ -157,15 +163,15 @@ def _fomaml_learned(model, bank, support, query, cfg, weights, chunk_size, rates
 def reptile_step(model: nn.Module, bank: AdapterBank, support: PackedBatch,
                  query: PackedBatch | None, cfg: InnerConfig,
                  weights: torch.Tensor | None = None,
-                 chunk_size: int | None = None) -> StepResult:
+                 chunk_size: int | None = None, loss_fn: LossFn = task_losses) -> StepResult:
     """One batched Reptile meta-step. The returned meta-gradient is
     ``sum_t w[t] (theta - fast[t])``, which the outer optimizer applies like a gradient
     (plain SGD with lr 1 gives ``theta <- mean_t fast[t]``). The query set only reports losses."""
-    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size)
+    hist, alive, norms = inner_loop(model, bank, support, cfg, chunk_size, loss_fn=loss_fn)
     T = support.num_tasks
     if query is not None:
         with torch.no_grad(), bank.activate(bank.fast.detach(), query.token_layout):
-            qlosses = task_losses(model, query, chunk_size)
+            qlosses = loss_fn(model, query, chunk_size)
     else:
         qlosses = torch.full((T,), float("nan"), device=bank.device)
     keep = alive & finite_rows(bank.fast.detach())

@@ -10,7 +10,8 @@ from metakernels.ops.rms_norm import rms_norm
 from metakernels.ops.rotary import rotary
 from metakernels.ops.swiglu import swiglu
 
-from conftest import CPU_BACKENDS, assert_close, bf16_ulps, rand_tensor, same_bits, same_forward
+from conftest import (CPU_BACKENDS, assert_close, bf16_ulps, rand_tensor, same_bits, same_forward,
+                      spy)
 
 ops = torch.ops.metakernels
 needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
@@ -102,3 +103,31 @@ def test_swiglu_bf16_vs_the_library(shape):
     assert dg.dtype == du.dtype == torch.bfloat16
     assert_close(dg, want_dg)
     assert_close(du, want_du)
+
+
+@pytest.mark.skipif(not backend.triton_available(torch.device("cpu")),
+                    reason="the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+def test_layer_ops_dispatch_to_the_triton_kernels(monkeypatch):
+    """Under the triton backend each layer op runs its Triton kernels (one table entry each),
+    forward and first-order backward, with the torch form's values."""
+    import importlib
+    calls = {}
+    for op in ("rms_norm", "swiglu", "rotary"):
+        mod = importlib.import_module(f"metakernels.ops._triton.{op}")
+        for phase in ("fwd", "bwd"):
+            calls[f"{op}_{phase}"] = spy(monkeypatch, mod, f"{op}_{phase}")
+    x = rand_tensor(3, 5, 8).requires_grad_()
+    w = rand_tensor(8, seed=1) + 2.0
+    g, u = rand_tensor(4, 9, seed=2).requires_grad_(), rand_tensor(4, 9, seed=3).requires_grad_()
+    q = rand_tensor(2, 4, 5, 6, seed=4).requires_grad_()
+    k = rand_tensor(2, 2, 5, 6, seed=5).requires_grad_()
+    cos, sin = rand_tensor(2, 5, 6, seed=6), rand_tensor(2, 5, 6, seed=7)
+    outs = {}
+    for name in ("torch", "triton"):
+        with backend.use_backend(name):
+            y = (rms_norm(x, w, 1e-6).sum() + (swiglu(g, u) ** 2).sum()
+                 + sum((t ** 2).sum() for t in rotary(q, k, cos, sin)))
+            outs[name] = (y.detach(), *torch.autograd.grad(y, (x, g, u, q, k)))
+    assert all(calls.values()), calls
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert_close(a, b, reduction=64)

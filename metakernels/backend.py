@@ -80,12 +80,6 @@ KERNELS: dict[tuple[str, str], str] = {
     ("rotary.bwd", "triton"): "metakernels.ops._triton.rotary:rotary_bwd",
     ("attention.fwd", "cpu"): "torch.ops.metakernels:attention_fwd",
     ("attention.bwd", "cpu"): "torch.ops.metakernels:attention_bwd",
-    ("rms_norm.fwd", "triton"): "metakernels.ops._triton.rms_norm:rms_norm_fwd",
-    ("rms_norm.bwd", "triton"): "metakernels.ops._triton.rms_norm:rms_norm_bwd",
-    ("swiglu.fwd", "triton"): "metakernels.ops._triton.swiglu:swiglu_fwd",
-    ("swiglu.bwd", "triton"): "metakernels.ops._triton.swiglu:swiglu_bwd",
-    ("rotary.fwd", "triton"): "metakernels.ops._triton.rotary:rotary_fwd",
-    ("rotary.bwd", "triton"): "metakernels.ops._triton.rotary:rotary_bwd",
 }
 
 

@@ -139,6 +139,11 @@ def assert_close_like_torch(name, out, ref, oracle, dtype=None, factor=LIKE_TORC
 # ---------------------------------------------------------------------------------------------
 # torch and, where the extension is built, cpu; the public ops' tests add Triton under the
 # interpreter where it runs (its kernels' own tests keep to small shapes: the interpreter is slow)
+needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
+                               reason="the C++ extension metakernels._C is not built")
+TRITON = backend.triton_available(torch.device("cpu"))
+needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernels run on CPU tensors only "
+                                  "under TRITON_INTERPRET=1 with triton installed")
 CPU_BACKENDS = ["torch"] + (["cpu"] if backend.cpu_available() else [])
 OP_BACKENDS = CPU_BACKENDS + (["triton"] if backend.triton_available(torch.device("cpu")) else [])
 # tasks x rows, as punica's tests: one task, single-row tasks, even, ragged with an empty task

@@ -6,14 +6,9 @@ import torch
 from metakernels import backend
 from metakernels.ops import AdamState, fused_update, fused_update_ref
 
-from conftest import OP_BACKENDS, assert_close, same_bits, spy
+from conftest import OP_BACKENDS, TRITON, assert_close, needs_cpu, needs_triton, same_bits, spy
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
-TRITON = backend.triton_available(torch.device("cpu"))
-needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernels run on CPU tensors only "
-                                  "under TRITON_INTERPRET=1 with triton installed")
 if TRITON:
     from metakernels.ops._triton import fused_update as tri_update
 

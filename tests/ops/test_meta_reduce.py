@@ -5,14 +5,10 @@ import torch
 from metakernels import backend
 from metakernels.ops import meta_reduce, meta_reduce_ref
 
-from conftest import OP_BACKENDS, assert_close, assert_close_like_torch, spy
+from conftest import (OP_BACKENDS, TRITON, assert_close, assert_close_like_torch, needs_cpu,
+                      needs_triton, spy)
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
-TRITON = backend.triton_available(torch.device("cpu"))
-needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernels run on CPU tensors only "
-                                  "under TRITON_INTERPRET=1 with triton installed")
 if TRITON:
     from metakernels.ops._triton import meta_reduce as tri_reduce
 

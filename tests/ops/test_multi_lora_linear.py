@@ -9,15 +9,11 @@ from metakernels import TaskLayout, backend
 from metakernels.ops import multi_lora_linear, multi_lora_linear_ref
 from metakernels.ops.multi_lora_linear import _torch_bwd, _torch_fwd
 
-from conftest import (CPU_BACKENDS, LAYOUTS, ONEDNN, OP_BACKENDS, assert_close,
-                      assert_close_like_torch, lora_inputs, mll_fp64_oracle, offsets, spy)
+from conftest import (CPU_BACKENDS, LAYOUTS, ONEDNN, OP_BACKENDS, TRITON, assert_close,
+                      assert_close_like_torch, lora_inputs, mll_fp64_oracle, needs_cpu,
+                      needs_triton, offsets, spy)
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
-TRITON = backend.triton_available(torch.device("cpu"))
-needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernels run on CPU tensors only "
-                                  "under TRITON_INTERPRET=1 with triton installed")
 if TRITON:
     from metakernels.ops._triton import multi_lora_linear as tri_lora
 

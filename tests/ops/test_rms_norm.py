@@ -6,12 +6,10 @@ import torch
 from metakernels import backend
 from metakernels.ops.rms_norm import nonzero_weight, rms_norm, rms_norm_ref
 
-from conftest import (CPU_BACKENDS, assert_close, bf16_ulps, rand_tensor, rms_inputs, same_bits,
-                      same_forward, ulps)
+from conftest import (CPU_BACKENDS, assert_close, bf16_ulps, needs_cpu, rand_tensor, rms_inputs,
+                      same_bits, same_forward, ulps)
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
 
 
 # ------------------------------------------------------------------------------------- the op

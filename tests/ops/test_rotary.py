@@ -2,13 +2,9 @@
 import pytest
 import torch
 
-from metakernels import backend
-
-from conftest import assert_close, rotary_inputs, same_bits
+from conftest import assert_close, needs_cpu, rotary_inputs, same_bits
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
 
 
 # -------------------------------------------------------------------------------- cpu kernels

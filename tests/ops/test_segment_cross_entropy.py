@@ -7,15 +7,10 @@ from metakernels import TaskLayout, backend
 from metakernels.batch import IGNORE_INDEX
 from metakernels.ops import segment_cross_entropy, segment_cross_entropy_ref
 
-from conftest import (LAYOUTS, ONEDNN, OP_BACKENDS, assert_close, assert_close_like_torch,
-                      ce_inputs, spy)
+from conftest import (LAYOUTS, ONEDNN, OP_BACKENDS, TRITON, assert_close, assert_close_like_torch,
+                      ce_inputs, needs_cpu, needs_triton, spy)
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
-TRITON = backend.triton_available(torch.device("cpu"))
-needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton kernels run on CPU tensors only "
-                                  "under TRITON_INTERPRET=1 with triton installed")
 if TRITON:
     from metakernels.ops._triton import segment_cross_entropy as tri_ce
 

@@ -10,12 +10,10 @@ from metakernels.ops.rms_norm import rms_norm
 from metakernels.ops.rotary import rotary
 from metakernels.ops.swiglu import swiglu
 
-from conftest import (CPU_BACKENDS, assert_close, bf16_ulps, rand_tensor, same_bits, same_forward,
-                      spy)
+from conftest import (CPU_BACKENDS, assert_close, bf16_ulps, needs_cpu, rand_tensor, same_bits,
+                      same_forward, spy)
 
 ops = torch.ops.metakernels
-needs_cpu = pytest.mark.skipif(not backend.cpu_available(),
-                               reason="the C++ extension metakernels._C is not built")
 
 
 # ------------------------------------------------------------------------------------- the op

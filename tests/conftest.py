@@ -2,6 +2,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
 
@@ -267,3 +268,34 @@ def same_forward(y, y_ref, name, reduction=1):
         assert_close(y, y_ref, reduction=reduction)
     else:
         assert torch.equal(y, y_ref)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): faster, and much faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def interrupted_at(monkeypatch, step: int):
+    """The training run inside the block stops with a KeyboardInterrupt when it reaches
+    ``step`` (after that step's checkpoint, if one is due), as a Ctrl-C there would."""
+    from metakernels.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def stop(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(Trainer, "train_step", real)

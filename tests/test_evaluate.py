@@ -24,13 +24,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
 TASKS = ["caesar_5", "base_7_to_10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread is faster, and much faster on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

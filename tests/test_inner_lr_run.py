@@ -12,6 +12,8 @@ from metakernels import train
 from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.export import export_checkpoint
 
+from conftest import interrupted_at
+
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
          "model.num_kv_heads=1", "model.intermediate_size=64", "model.lora_rank=4",
          "model.lora_alpha=8", "meta.meta_batch_size=2", "data.support_size=2",
@@ -50,17 +52,8 @@ def test_rates_are_trained_logged_and_checkpointed(run_dir):
 def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
     common = ["trainer.total_steps=4", "trainer.save_every=2"]
     full = _run(tmp_path, *common, name="full")
-    real_step = train.Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 2):
         _run(tmp_path, *common, name="broken")
-    monkeypatch.setattr(train.Trainer, "train_step", real_step)
     broken = _run(tmp_path, *common, "trainer.resume=true", name="broken")
     a = load_checkpoint(latest_checkpoint(full))[0]
     b = load_checkpoint(latest_checkpoint(broken))[0]

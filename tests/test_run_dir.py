@@ -17,12 +17,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "trainer.eval_every=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(tmp_path, *args):

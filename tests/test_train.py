@@ -11,7 +11,7 @@ from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.config import ConfigError, load_config
 from metakernels.export import export_checkpoint
 
-from conftest import MODEL_TOL
+from conftest import MODEL_TOL, interrupted_at
 
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
          "meta.meta_batch_size=3", "data.support_size=2", "data.query_size=2",
@@ -119,17 +119,8 @@ def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
               "model.lora_dropout=0.1", "meta.task_sampling=loss"]
     full = _run(tmp_path, *common, name="full")
     # the same run interrupted after its step-3 checkpoint, then resumed
-    real_step = train.Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 3):
         _run(tmp_path, *common, name="broken")
-    monkeypatch.setattr(train.Trainer, "train_step", real_step)
     broken = _run(tmp_path, *common, "trainer.resume=true", name="broken")
     a = load_checkpoint(latest_checkpoint(full))[0]
     b = load_checkpoint(latest_checkpoint(broken))[0]

@@ -14,7 +14,10 @@
 //   dh_chunk = dlogits @ W                     (ATen's GEMM written straight into dh, or oneDNN's)
 // The per-row losses are added per task in row order afterwards (deterministic).
 // For bf16/fp16 h the logits are rounded to h's dtype before the softmax and dlogits before the
-// second GEMM, which is what autograd does to the reference (h @ W.T).float().
+// second GEMM, which is what autograd does to the reference (h @ W.T).float(). For bf16 the row
+// loop reads the bf16 logits and writes the bf16 dlogits in place (a row's exps in the thread's
+// fp32 scratch, in L2), so no fp32 copy of a chunk's logits is made: at a 49k vocabulary the two
+// conversions of a [chunk, V] buffer cost as much as the row loop itself.
 #include "checks.h"
 #include "gemm.h"
 #include "ops.h"
@@ -54,12 +57,47 @@ MK_TARGET_CLONES float xent_row(float* z, int64_t V, int64_t label, float ic) {
   return mx + std::log(sum) - z_label;
 }
 
+// xent_row for a bf16 row: the same float arithmetic on the logits converted exactly, the exps
+// kept in e[0:V] (fp32 scratch), the gradient rounded to bf16 once into z (as the fp32 row's
+// gradient copied to bf16 would be).
+MK_TARGET_CLONES float xent_row_bf16(bf16_t* z, float* e, int64_t V, int64_t label, float ic) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, bf16_to_float(z[j]));
+  const float z_label = bf16_to_float(z[label]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < V; ++j) {
+    const float ej = exp_nonpositive(bf16_to_float(z[j]) - mx);
+    e[j] = ej;
+    sum += ej;
+  }
+  const float p_scale = ic / sum;
+  const float g_label = e[label] * p_scale - ic;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) z[j] = float_to_bf16(e[j] * p_scale);
+  z[label] = float_to_bf16(g_label);
+  return mx + std::log(sum) - z_label;
+}
+
 // Every row of logits [rows, V] (all labelled), in parallel; row_loss[i] = its cross-entropy.
 void xent_rows(float* logits, int64_t rows, int64_t V, const int64_t* labels,
                const float* inv_count, float* row_loss) {
 #pragma omp parallel for schedule(static) if (rows * V >= kMinParallelElems)
   for (int64_t i = 0; i < rows; ++i) {
     row_loss[i] = xent_row(logits + i * V, V, labels[i], inv_count[i]);
+  }
+}
+
+void xent_rows(bf16_t* logits, int64_t rows, int64_t V, const int64_t* labels,
+               const float* inv_count, float* row_loss) {
+#pragma omp parallel if (rows * V >= kMinParallelElems)
+  {
+    std::vector<float> e(static_cast<size_t>(V));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      row_loss[i] = xent_row_bf16(logits + i * V, e.data(), V, labels[i], inv_count[i]);
+    }
   }
 }
 
@@ -137,7 +175,9 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
   at::Tensor dh = onednn && C == M ? at::Tensor() : at::empty({M, d}, h.options());
   std::vector<double> task_sum(T, 0.0);
   if (C > 0) {
-    at::Tensor logits = onednn ? at::Tensor() : at::empty({C, V}, h.options().dtype(at::kFloat));
+    const bool bf16 = h.scalar_type() == at::kBFloat16;
+    at::Tensor logits = onednn || bf16 ? at::Tensor()
+                                       : at::empty({C, V}, h.options().dtype(at::kFloat));
     at::Tensor logits_lp = low_precision ? at::empty({C, V}, h.options()) : at::Tensor();
     const at::Tensor Wt = W.t();
     std::vector<float> row_loss(C);
@@ -145,34 +185,37 @@ std::tuple<at::Tensor, at::Tensor> segment_cross_entropy_fwd(const at::Tensor& h
     for (int64_t c0 = 0; c0 < M; c0 += C) {
       const int64_t rows = std::min(C, M - c0);
       const at::Tensor h_c = hs.narrow(0, c0, rows);
-      at::Tensor lg;
-      if (onednn) {
-        lg = linear_nt(h_c, W, std::nullopt, true);
-      } else if (low_precision) {
-        lg = logits.narrow(0, 0, rows);
+      if (bf16) {   // the bf16 logits turned into dlogits in place, then dh = dlogits @ W
         at::Tensor lp = logits_lp.narrow(0, 0, rows);
         at::mm_out(lp, h_c, Wt);
-        lg.copy_(lp);
-      } else {
-        lg = logits.narrow(0, 0, rows);
-        at::mm_out(lg, h_c, Wt);
-      }
-      xent_rows(lg.data_ptr<float>(), rows, V, labs + c0, rics + c0, row_loss.data());
-      if (onednn) {
+        xent_rows(reinterpret_cast<bf16_t*>(lp.data_ptr<at::BFloat16>()), rows, V, labs + c0,
+                  rics + c0, row_loss.data());
+        at::Tensor dh_c = dh.narrow(0, c0, rows);
+        at::mm_out(dh_c, lp, W);
+      } else if (onednn) {
+        at::Tensor lg = linear_nt(h_c, W, std::nullopt, true);
+        xent_rows(lg.data_ptr<float>(), rows, V, labs + c0, rics + c0, row_loss.data());
         at::Tensor dh_c = linear_nt(lg, Wt, std::nullopt, true);
         if (C == M) {
           dh = dh_c;
         } else {
           dh.narrow(0, c0, rows).copy_(dh_c);
         }
-      } else if (low_precision) {
-        at::Tensor lp = logits_lp.narrow(0, 0, rows);
-        lp.copy_(lg);
-        at::Tensor dh_c = dh.narrow(0, c0, rows);
-        at::mm_out(dh_c, lp, W);
       } else {
+        at::Tensor lg = logits.narrow(0, 0, rows);
         at::Tensor dh_c = dh.narrow(0, c0, rows);
-        at::mm_out(dh_c, lg, W);
+        if (low_precision) {   // fp16
+          at::Tensor lp = logits_lp.narrow(0, 0, rows);
+          at::mm_out(lp, h_c, Wt);
+          lg.copy_(lp);
+          xent_rows(lg.data_ptr<float>(), rows, V, labs + c0, rics + c0, row_loss.data());
+          lp.copy_(lg);
+          at::mm_out(dh_c, lp, W);
+        } else {
+          at::mm_out(lg, h_c, Wt);
+          xent_rows(lg.data_ptr<float>(), rows, V, labs + c0, rics + c0, row_loss.data());
+          at::mm_out(dh_c, lg, W);
+        }
       }
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = every_row ? c0 + i : kept[c0 + i];

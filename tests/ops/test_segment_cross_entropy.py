@@ -138,6 +138,27 @@ def test_segment_cross_entropy_fp32_model_sized(chunk, onednn):
 
 
 @needs_cpu
+@pytest.mark.parametrize("chunk", [1, 50, 1000])
+def test_segment_cross_entropy_bf16_model_sized(chunk):
+    """bf16 at a model's widths (the row loop on the bf16 logits in place, rows of a vocabulary
+    that is no multiple of a vector): errors as the bf16 reference's (h @ W.T in bf16, the
+    softmax in fp32, its gradient rounded to bf16 before the product with W)."""
+    sizes = [37, 0, 64, 29]
+    h, W, labels = ce_inputs(sizes, 203, 1031, torch.float32, seed=7)
+    h, W = h.bfloat16(), (W / 203 ** 0.5).bfloat16()
+    layout = TaskLayout.from_sizes(sizes)
+    h64, hbf = h.double().requires_grad_(), h.clone().requires_grad_()
+    want = segment_cross_entropy_ref(h64, W.double(), labels, layout)
+    (dh_want,) = torch.autograd.grad(want.sum(), h64)
+    ref = segment_cross_entropy_ref(hbf, W, labels, layout)
+    (dh_ref,) = torch.autograd.grad(ref.sum(), hbf)
+    loss, dh = ops.segment_cross_entropy_fwd(h, W, labels, layout.offsets_tensor(), chunk)
+    assert_close_like_torch("loss", loss, ref.detach(), want.detach())
+    assert_close_like_torch("dh", dh, dh_ref, dh_want)
+    assert not dh[labels == IGNORE_INDEX].any()
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_segment_cross_entropy_low_precision(dtype):
     sizes = [4, 0, 9, 5]

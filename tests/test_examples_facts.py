@@ -42,8 +42,12 @@ def test_held_out_tasks_are_new_rules_on_inputs_no_training_task_shows(suite):
              for c in json.loads((suite / "train_tasks.json").read_text())}
     held = {c["name"]: read_rows(suite / c["file"])
             for c in json.loads((suite / "heldout_tasks.json").read_text())}
-    assert set(held) == {f"{k}_{r}" for k, r in facts.HELDOUT}
-    assert not set(train) & set(held)
+    assert set(held) == {f"{k}_{r}.{s}" for k, r in facts.HELDOUT for s in facts.HELDOUT_STYLES}
+    assert set(train) == {f"{k}_{r}.{s}" for k, rels in facts.RELATIONS.items() for r in rels
+                          if (k, r) not in facts.HELDOUT for s in facts.STYLES}
+    train_rules = {n.split(".")[0] for n in train} | {n.split(".")[1] for n in train}
+    held_rules = {n.split(".")[0] for n in held} | {n.split(".")[1] for n in held}
+    assert not train_rules & held_rules       # neither a relation nor a style is shared
     train_prompts = {row["prompt"] for rows in train.values() for row in rows}
     for name, rows in held.items():
         assert rows, name
@@ -51,20 +55,35 @@ def test_held_out_tasks_are_new_rules_on_inputs_no_training_task_shows(suite):
 
 
 def test_the_prompt_hides_the_rule(suite):
-    """Within a kind, every training relation asks the same prompts, mostly with different
-    answers (a regular verb's past and participle coincide)."""
+    """Within a kind, every training task asks the same prompts; the relations mostly answer
+    them differently (a regular verb's past and participle coincide), and the styles always."""
     by_kind = {}
     for c in json.loads((suite / "train_tasks.json").read_text()):
-        kind = c["name"].split("_")[0]
-        by_kind.setdefault(kind, []).append({r["prompt"]: r["response"]
-                                             for r in read_rows(suite / c["file"])})
+        relation, style = c["name"].split(".")
+        by_kind.setdefault(relation.split("_")[0], {})[(relation, style)] = {
+            r["prompt"]: r["response"] for r in read_rows(suite / c["file"])}
     for kind, tasks in by_kind.items():
-        assert len(tasks) >= 2, kind
-        assert all(t.keys() == tasks[0].keys() for t in tasks), kind
-        differ = sum(len({t[p] for t in tasks}) > 1 for p in tasks[0])
-        assert differ >= 0.6 * len(tasks[0]), kind
-    row = read_rows(suite / "train" / "country_capital.jsonl")[0]
-    assert row["prompt"].endswith(" ->") and row["response"].startswith(" ")
+        prompts = next(iter(tasks.values())).keys()
+        assert all(t.keys() == prompts for t in tasks.values()), kind
+        plain = {rel: t for (rel, style), t in tasks.items() if style == "plain"}
+        assert len(plain) >= 2, kind
+        differ = sum(len({t[p] for t in plain.values()}) > 1 for p in prompts)
+        assert differ >= 0.6 * len(prompts), kind
+        for (rel, style), t in tasks.items():
+            assert all(" " + facts.styled(style, plain[rel][p][1:]) == t[p] for p in prompts)
+            if style != "plain":
+                assert all(t[p] != plain[rel][p] for p in prompts), (rel, style)
+    row = read_rows(suite / "train" / "country_capital.answer_is.jsonl")[0]
+    assert row["prompt"].endswith(" ->") and row["response"].startswith(" The answer is ")
+
+
+def test_styles_are_disjoint_and_keep_the_fact():
+    assert not set(facts.STYLES) & set(facts.HELDOUT_STYLES)
+    templates = list(facts.STYLES.values()) + list(facts.HELDOUT_STYLES.values())
+    assert len(set(templates)) == len(templates)
+    for style in list(facts.STYLES) + list(facts.HELDOUT_STYLES):
+        out = facts.styled(style, "Paris")
+        assert "Paris" in out or "PARIS" in out, style
 
 
 def test_the_split_is_fixed_by_the_seed():
@@ -110,7 +129,7 @@ def test_the_command_writes_configs_that_prepare_reads(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "facts" / "heldout" / "manifest.json").read_text())
-    assert len(manifest["tasks"]) == len(facts.HELDOUT)
+    assert len(manifest["tasks"]) == len(facts.HELDOUT) * len(facts.HELDOUT_STYLES)
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "facts" / "make_tasks.py"),
                         "--out", str(tmp_path / "x"), "--model", str(tmp_path)],
                        capture_output=True, text=True)

@@ -1,8 +1,10 @@
-"""The facts behind the example suite: entities of five kinds, each with several relations.
+"""The facts behind the example suite: entities of five kinds, each with several relations,
+and the styles an answer is given in.
 
-Every relation of a kind answers the same inputs, so a prompt (``"France ->"``) does not say
-which relation a task asks for (capital, continent, language or currency): only its examples
-do. ``QUESTIONS`` asks each relation in plain words; ``make_tasks.py --model DIR`` keeps the
+A task is one relation of one kind answered in one style (``country_capital/answer_is``:
+``"France ->"`` answered ``" The answer is Paris."``). Every relation of a kind answers the same
+inputs and every style the same facts, so a prompt does not say which relation (capital,
+continent, language, currency) or which style a task asks for: only its examples do. ``QUESTIONS`` asks each relation in plain words; ``make_tasks.py --model DIR`` keeps the
 facts a model answers right from that question alone (the facts it already knows).
 """
 
@@ -266,3 +268,27 @@ FACTS = {
 # held-out task measures how fast its rule is picked up from examples, not the facts.
 HELDOUT = (("country", "language"), ("animal", "plural"), ("adjective", "opposite"),
            ("verb", "ing"), ("number", "digits"))
+
+# The styles an answer is given in: ``{a}`` the fact, ``{A}`` the fact in capitals. A task's
+# style is as hidden as its relation; the held-out tasks take the held-out styles.
+STYLES = {
+    "plain": "{a}",
+    "period": "{a}.",
+    "it_is": "It is {a}.",
+    "answer_is": "The answer is {a}.",
+    "upper": "{A}",
+    "quoted": '"{a}"',
+    "answer_colon": "Answer: {a}",
+    "exclaim": "{a}!",
+}
+HELDOUT_STYLES = {
+    "paren": "({a})",
+    "i_think": "I think {a}.",
+    "of_course": "{a}, of course.",
+}
+
+
+def styled(style: str, answer: str) -> str:
+    """The answer in a style (``STYLES`` or ``HELDOUT_STYLES``)."""
+    template = STYLES.get(style) or HELDOUT_STYLES[style]
+    return template.format(a=answer, A=answer.upper())

@@ -2,12 +2,15 @@
 
     python3 examples/facts/make_tasks.py --out data/facts_raw [--model DIR]
 
-Every task is one relation of one kind of entity (``country_capital``: ``"France ->"`` answered
-``" Paris"``). All relations of a kind answer the same prompts, so the prompt hides the rule and
+Every task is one relation of one kind of entity answered in one style
+(``country_capital.answer_is``: ``"France ->"`` answered ``" The answer is Paris."``). All
+relations of a kind answer the same prompts, in every style, so the prompt hides the rule and
 the support examples reveal it. Each kind's entities are split once (``--seed``): the held-out
-share (``--heldout-fraction``) is asked only by the held-out tasks (``facts.HELDOUT``, one
-relation per kind that no training task asks), the rest only by the training tasks. The
-held-out tasks are thus new rules on inputs never trained on, as in MetaICL.
+share (``--heldout-fraction``) is asked only by the held-out tasks, the rest only by the
+training tasks. The training tasks are the training relations in the training styles
+(``facts.STYLES``); the held-out tasks are the held-out relations (``facts.HELDOUT``, one per
+kind) in the held-out styles (``facts.HELDOUT_STYLES``). They are thus new rules on inputs never
+trained on, as in MetaICL.
 
 With ``--model DIR`` (a Hugging Face directory, e.g. SmolLM2 from ``python3 -m
 metakernels.models fetch smollm2 DIR``) only the facts that model already knows are kept: asked
@@ -88,23 +91,28 @@ def known_facts(model_dir: str, items: list[tuple[str, str, str]], batch_size: i
 def build(out: Path, *, seed: int, heldout_fraction: float, model: str | None,
           min_examples: int) -> dict:
     split = split_entities(seed, heldout_fraction)
-    tasks = []   # (name, split, [(entity, answer)])
+    facts_of = []   # (kind, relation, split, [(entity, answer)])
     for kind, relations in facts.RELATIONS.items():
         for j, rel in enumerate(relations):
             part = "heldout" if (kind, rel) in facts.HELDOUT else "train"
             entities = split[kind][1 if part == "heldout" else 0]
-            rows = [(e, facts.FACTS[kind][e][j]) for e in entities]
-            tasks.append((f"{kind}_{rel}", part, kind, rel, rows))
+            facts_of.append((kind, rel, part, [(e, facts.FACTS[kind][e][j]) for e in entities]))
     if model is not None:
         items = [(question(kind, rel, e, split[kind][0]), a)
-                 for _, _, kind, rel, rows in tasks for e, a in rows]
+                 for kind, rel, _, rows in facts_of for e, a in rows]
         flags = iter(known_facts(model, items))
-        tasks = [(name, part, kind, rel, [r for r in rows if next(flags)])
-                 for name, part, kind, rel, rows in tasks]
+        facts_of = [(kind, rel, part, [r for r in rows if next(flags)])
+                    for kind, rel, part, rows in facts_of]
+    tasks = []   # (name, split, kind, [(prompt, response)])
+    for kind, rel, part, rows in facts_of:
+        styles = facts.HELDOUT_STYLES if part == "heldout" else facts.STYLES
+        for style in styles:
+            tasks.append((f"{kind}_{rel}.{style}", part, kind,
+                          [(PROMPT.format(x=e), " " + facts.styled(style, a)) for e, a in rows]))
     summary = {"model": model, "seed": seed, "heldout_fraction": heldout_fraction,
                "prompt": PROMPT, "tasks": {}}
     configs = {"train": [], "heldout": []}
-    for name, part, kind, rel, rows in tasks:
+    for name, part, kind, rows in tasks:
         summary["tasks"][name] = {"split": part, "examples": len(rows),
                                   "of": len(split[kind][1 if part == "heldout" else 0])}
         if len(rows) < min_examples:
@@ -113,8 +121,8 @@ def build(out: Path, *, seed: int, heldout_fraction: float, model: str | None,
         path = out / part / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
-            for e, a in rows:
-                f.write(json.dumps({"prompt": PROMPT.format(x=e), "response": " " + a}) + "\n")
+            for prompt, response in rows:
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
         configs[part].append({"name": name, "file": f"{part}/{name}.jsonl"})
     for part, cfg in configs.items():
         (out / f"{part}_tasks.json").write_text(json.dumps(cfg, indent=1) + "\n")

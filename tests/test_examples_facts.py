@@ -143,3 +143,34 @@ def test_no_entity_belongs_to_two_kinds():
         for entity in table:
             assert entity not in seen, f"{entity!r} is a {seen[entity]} and a {kind}"
             seen[entity] = kind
+
+
+def test_adapt_with_peft_fits_the_shots_and_answers_the_rest(tmp_path):
+    """The walkthrough's last step: an adapter directory, adapted on 5 rows with plain PEFT."""
+    import re
+
+    from peft import LoraConfig, get_peft_model
+
+    from metakernels.data import build_char_tokenizer
+    from metakernels.models import build_tiny_model
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
+                                                  target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    rows = [{"prompt": f"{w} ->", "response": f" ({w.upper()})"}
+            for w in ("cat", "dog", "owl", "cow", "pig", "elk", "yak")]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "facts" / "adapt_with_peft.py"),
+                        "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                        "--task", str(tmp_path / "task.jsonl"), "--steps", "4",
+                        "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    losses = [float(x) for x in re.findall(r"support loss ([0-9.]+)", r.stdout)]
+    assert len(losses) == 4 and losses[-1] < losses[0], r.stdout
+    assert re.search(r"^exact match [0-2]/2$", r.stdout, flags=re.M), r.stdout
+    answered = [line for line in r.stdout.splitlines() if line.startswith("'")]
+    assert len(answered) == 2 and all(" ok" in a or "expected" in a for a in answered), r.stdout

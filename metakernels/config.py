@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# Settings that name a file or directory: a leading ``~`` is the user's home.
+PATH_KEYS = frozenset({"model.path", "model.gguf_file", "model.init_adapter", "data.tasks",
+                       "trainer.output_dir"})
+
+
 def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -237,7 +243,10 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     types = _section_types(type(obj))
     if name not in types:
         raise ConfigError(f"{key}: unknown key; {section} has {', '.join(sorted(types))}")
-    setattr(obj, name, _coerce(key, value, types[name]))
+    value = _coerce(key, value, types[name])
+    if key in PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)   # as a shell would: configs are shared across homes
+    setattr(obj, name, value)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:

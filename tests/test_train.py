@@ -186,3 +186,15 @@ def test_validation_is_skipped_with_a_warning_when_held_out_pools_are_too_small(
     with pytest.warns(UserWarning, match="held-out validation is off: .*lower trainer.eval_shots"):
         t = train.Trainer(cfg)
     assert t.val_tasks is None
+
+
+def test_a_leading_tilde_in_a_path_setting_is_the_home_directory(monkeypatch, tmp_path):
+    """Shared configs (examples/facts/smollm2.yaml) name ~/.cache/...; no shell expands them."""
+    from metakernels.config import PATH_KEYS, Config, setting_names
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tasks").mkdir()
+    cfg = load_config(None, ["data.tasks=~/tasks", "trainer.output_dir=~/runs"])
+    assert cfg.data.tasks == str(tmp_path / "tasks")
+    assert cfg.trainer.output_dir == str(tmp_path / "runs")
+    assert PATH_KEYS <= set(setting_names(Config()))

@@ -74,12 +74,14 @@ def exact_match(tokenizer, generated: Sequence[int], reference: str, stop_ids) -
 
 
 def build_eval_tasks(tasks, tokenizer, cfg: Config, *, n_query: int, max_shots: int,
-                     seeds: int, data_seed: int = 0, stop_ids=None) -> list[EvalTask]:
+                     seeds: int, data_seed: int = 0, stop_ids=None,
+                     settings: tuple[str, str] = ("--n-query", "--n-shots")) -> list[EvalTask]:
     """Freezes every task: its query set (``n_query`` examples, fixed) and per-seed support
     draws. A procedural task gets a support pool of ``seeds * max_shots`` fresh examples (no
     prompt shared with the query set); a task from files uses its support pool. Seed s draws
     ``max_shots`` of the pool with ``Random(f"{data_seed}:{task}:shots:{s}")``, so the n-shot
-    sets of one seed are nested."""
+    sets of one seed are nested. ``settings`` names the caller's settings for ``n_query`` and
+    ``max_shots`` in messages (the trainer's are ``trainer.eval_query_size``/``eval_shots``)."""
     from .data.loader import TaskData
     from .data.sampler import make_task_data
 
@@ -94,10 +96,10 @@ def build_eval_tasks(tasks, tokenizer, cfg: Config, *, n_query: int, max_shots: 
                 query = [query[i] for i in keep]
             elif len(query) < n_query:
                 warnings.warn(f"task {task.name!r}: {len(query)} query examples, fewer than "
-                              f"--n-query {n_query}; all are used")
+                              f"{settings[0]}={n_query}; all are used")
             if len(pool) < max_shots:
                 raise UserError(f"task {task.name!r}: {len(pool)} support examples, fewer than "
-                                 f"the largest n-shot {max_shots}")
+                                 f"the {max_shots} shots of {settings[1]}")
         else:
             td = make_task_data(task, seeds * max_shots, n_query, data_seed, tokenizer,
                                 cfg.data.max_length, cfg.data.apply_chat_template)

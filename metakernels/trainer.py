@@ -198,9 +198,10 @@ class Trainer:
         try:
             return build_eval_tasks(tasks, self.tokenizer, self.cfg, n_query=tr.eval_query_size,
                                     max_shots=tr.eval_shots, seeds=tr.eval_seeds,
-                                    data_seed=tr.seed)
+                                    data_seed=tr.seed, settings=("trainer.eval_query_size",
+                                                                 "trainer.eval_shots"))
         except UserError as e:  # a held-out support pool smaller than trainer.eval_shots
-            warnings.warn(f"held-out validation is off: {e} (lower trainer.eval_shots)")
+            warnings.warn(f"held-out validation is off: {e}")
             return None
 
     def validate(self) -> dict:

@@ -183,9 +183,16 @@ def test_validation_is_skipped_with_a_warning_when_held_out_pools_are_too_small(
             write_task_file(d / "query.jsonl", rows(8))
     cfg = load_config(None, SMALL + [f"data.tasks={tmp_path / 'tasks'}",
                                      f"trainer.output_dir={tmp_path}"])
-    with pytest.warns(UserWarning, match="held-out validation is off: .*lower trainer.eval_shots"):
+    with pytest.warns(UserWarning, match="held-out validation is off: .*2 support examples, "
+                                         "fewer than the 5 shots of trainer.eval_shots"):
         t = train.Trainer(cfg)
     assert t.val_tasks is None
+    # query sets smaller than trainer.eval_query_size: all are used, and the warning names it
+    cfg = load_config(None, SMALL + [f"data.tasks={tmp_path / 'tasks'}", "trainer.eval_shots=2",
+                                     f"trainer.output_dir={tmp_path}"])
+    with pytest.warns(UserWarning, match="8 query examples, fewer than trainer.eval_query_size=16"):
+        t = train.Trainer(cfg)
+    assert t.val_tasks is not None
 
 
 def test_a_leading_tilde_in_a_path_setting_is_the_home_directory(monkeypatch, tmp_path):

@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="keep only the facts this Hugging Face model directory knows")
     p.add_argument("--seed", type=int, default=0, help="the entity split")
-    p.add_argument("--heldout-fraction", type=float, default=0.4,
+    p.add_argument("--heldout-fraction", type=float, default=0.5,
                    help="share of each kind's entities kept for the held-out tasks")
-    p.add_argument("--min-examples", type=int, default=12,
+    p.add_argument("--min-examples", type=int, default=10,
                    help="a task with fewer examples is left out")
     args = p.parse_args(argv)
     if args.model is not None and not (Path(args.model) / "config.json").is_file():

@@ -234,15 +234,15 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int,
         if truncation == "error":
             raise DataError(
                 f"{len(ids)} tokens ({len(prompt_ids)} prompt + {len(response_ids)} response) "
-                f"exceed max_length={max_length}; raise max_length or set truncation to "
-                f"'left' or 'right'")
+                f"exceed data.max_length={max_length}; raise data.max_length or set "
+                f"data.truncation to 'left' or 'right'")
         keep = slice(len(ids) - max_length, None) if truncation == "left" else slice(max_length)
         ids, mask = ids[keep], mask[keep]
     # position 0 is never a target (nothing precedes it), as in Example.num_targets
     if sum(mask[1:]) == 0:
         raise DataError(
             f"no response token left to predict after {truncation} truncation to "
-            f"max_length={max_length} ({len(prompt_ids)} prompt + {len(response_ids)} "
+            f"data.max_length={max_length} ({len(prompt_ids)} prompt + {len(response_ids)} "
             f"response tokens)")
     return Example(tuple(ids), tuple(mask))
 

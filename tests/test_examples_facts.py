@@ -1,6 +1,7 @@
 """examples/facts: the natural-language suite's construction (what make_tasks.py promises) and
 its knowledge filter, on a tiny random model saved as a Hugging Face directory."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,29 @@ def test_adapt_with_peft_fits_the_shots_and_answers_the_rest(tmp_path):
     assert re.search(r"^exact match [0-2]/2$", r.stdout, flags=re.M), r.stdout
     answered = [line for line in r.stdout.splitlines() if line.startswith("'")]
     assert len(answered) == 2 and all(" ok" in a or "expected" in a for a in answered), r.stdout
+
+
+def test_the_example_config_trains_on_the_prepared_suite(tmp_path):
+    """examples/facts/smollm2.yaml stays a valid config over the suite as docs/usage.md prepares
+    it (the tiny model standing in for SmolLM2: CI has no weights)."""
+    make_tasks.build(tmp_path / "raw", seed=0, heldout_fraction=0.5, model=None, min_examples=10)
+    for part, split in (("train", ["--support-ratio", "0.5"]), ("heldout", ["--support-size", "8"])):
+        out = tmp_path / "facts" / ("heldout" if part == "heldout" else "")
+        r = subprocess.run([sys.executable, "-m", "metakernels.prepare", "--task-config",
+                            str(tmp_path / "raw" / f"{part}_tasks.json"), "--output-dir",
+                            str(out), *split], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "metakernels.train", "--config",
+                        str(ROOT / "examples" / "facts" / "smollm2.yaml"), "model.path=null",
+                        "model.dtype=float32", "model.hidden_size=32", "model.num_layers=1",
+                        "model.intermediate_size=64", "data.max_length=64",  # characters
+                        f"data.tasks={tmp_path / 'facts'}",
+                        f"trainer.output_dir={tmp_path / 'runs'}", "trainer.total_steps=2",
+                        "trainer.progress_bar=false"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = [json.loads(line) for line in
+               (tmp_path / "runs" / "facts-meta" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/loss" in m for m in metrics)   # the held-out tasks were found and run
+    assert sum("stage2/meta_loss" in m for m in metrics) == 2

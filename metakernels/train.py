@@ -13,7 +13,6 @@ import sys
 
 from .cli import check_paths, command
 from .config import load_config
-from .run_dir import prepare_run_dir
 from .trainer import NonFiniteError, Trainer
 
 
@@ -30,7 +29,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
-    prepare_run_dir(cfg)
     trainer = Trainer(cfg)
     from . import distributed as dist
     try:

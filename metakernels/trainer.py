@@ -26,7 +26,7 @@ from .meta import InnerConfig, PeftAdapterIO, maml_step, make_peft_model, multit
 from .meta.chunked import chunked_step, task_chunk_setting
 from .meta.inner_lr import InnerRates, msl_weights
 from .peft_adapter import peft_theta
-from .run_dir import clear_run, new_run_id
+from .run_dir import clear_run, new_run_id, prepare_run_dir
 
 
 class NonFiniteError(RuntimeError):
@@ -117,6 +117,9 @@ class Trainer:
         from . import distributed as dist
 
         self.cfg = cfg
+        # the run directory's policy (another run there, resume, overwrite) before anything is
+        # built: for every caller, the command or code that builds a Trainer itself
+        prepare_run_dir(cfg)
         self.rank, self.world_size = dist.init_from_env(cfg)
         self.is_main = self.rank == 0
         self.run_dir = cfg.run_dir

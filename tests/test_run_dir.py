@@ -54,6 +54,23 @@ def test_a_new_run_refuses_a_directory_that_holds_another_run(tmp_path, capsys):
     assert f"step 2, run {meta['run_id']}" in out and "step_00000002" in out
 
 
+def test_a_trainer_built_in_code_keeps_the_same_policy(tmp_path):
+    """The policy lives in Trainer, not only in the command: a script that builds
+    Trainer(cfg) itself cannot start over another run or resume it with another config."""
+    from metakernels.errors import UserError
+
+    run = tmp_path / "default"
+    assert _train(tmp_path, "trainer.total_steps=2", "trainer.save_every=1") == 0
+    args = [*TINY, f"trainer.output_dir={tmp_path}", "trainer.total_steps=2"]
+    with pytest.raises(UserError, match="holds another run"):
+        train.Trainer(load_config(None, args))
+    with pytest.raises(UserError, match="meta.outer_lr"):
+        train.Trainer(load_config(None, args + ["trainer.resume=true", "meta.outer_lr=1e-3"]))
+    assert _steps(run) == ["step_00000001", "step_00000002"]      # nothing touched
+    t = train.Trainer(load_config(None, args + ["trainer.resume=true"]))
+    assert t.resume()
+
+
 @pytest.mark.parametrize("key", ["meta.outer_lr", "meta.inner_lr", "model.lora_alpha",
                                  "meta.max_grad_norm", "meta.weight_decay",
                                  "model.initializer_range", "meta.inner_max_grad_norm"])

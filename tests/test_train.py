@@ -98,7 +98,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
 
     run = _run(tmp_path, "trainer.total_steps=2", "model.target_modules=all-linear")
     out, _, _ = export_checkpoint(run, tmp_path / "adapter")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", ["trainer.resume=true"])
     tok = build.build_tokenizer(cfg)
     peft_model = PeftModel.from_pretrained(build.build_model(cfg, len(tok)), str(out))
     t = train.Trainer(cfg)

@@ -84,14 +84,14 @@ def _measured(stdout: str) -> dict[int, dict[str, int]]:
 def test_sharded_base_halves_the_parameters_per_process(tmp_path):
     runs = {}
     for n, extra in ((1, []), (2, ["trainer.shard_base=true"])):
-        r = _torchrun_script(n, MEASURE + extra + [f"trainer.output_dir={tmp_path}"])
+        r = _torchrun_script(n, MEASURE + extra + [f"trainer.output_dir={tmp_path / str(n)}"])
         assert r.returncode == 0, _output(r)
         runs[n] = _measured(r.stdout)
         assert sorted(runs[n]) == list(range(n)), _output(r)
     whole = runs[1][0]["local_param_bytes"]
     # every parameter of the base model cut in two along dim 0 (the first share takes the odd
     # row); the output layer whole in every process (the loss reads its weight directly)
-    model = Trainer(load_config(None, MEASURE + [f"trainer.output_dir={tmp_path}"])).model
+    model = Trainer(load_config(None, MEASURE + [f"trainer.output_dir={tmp_path / 'ref'}"])).model
     out = model.get_output_embeddings().weight
     first = sum(p.element_size() * (p.numel() if p is out else
                                     -(-p.shape[0] // 2) * (p.numel() // p.shape[0]))

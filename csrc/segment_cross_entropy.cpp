@@ -36,48 +36,39 @@ constexpr int64_t kIgnoreIndex = -100;
 constexpr int64_t kMinParallelElems = 1 << 15;
 
 // One row: turns the logits z[0:V] into the loss gradient (softmax(z) - onehot(label)) * ic in
-// place and returns the cross-entropy. The exp loop is compute-bound, so GCC compiles this twice,
-// for AVX2 + FMA (x86-64-v3) and for baseline x86-64, and the loader picks by CPU.
-MK_TARGET_CLONES float xent_row(float* z, int64_t V, int64_t label, float ic) {
+// place and returns the cross-entropy, in float arithmetic whatever T is. The exps go to e[0:V]:
+// z itself for float, a float scratch row for bf16 (so the bf16 row is read once, converted
+// exactly, and its gradient rounded once, as the fp32 row's gradient copied to bf16 would be).
+template <typename T>
+inline __attribute__((always_inline)) float xent_row_impl(T* z, float* e, int64_t V,
+                                                          int64_t label, float ic) {
   float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, z[j]);
-  const float z_label = z[label];
+  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, load(z[j]));
+  const float z_label = load(z[label]);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < V; ++j) {
-    const float e = exp_nonpositive(z[j] - mx);
-    z[j] = e;
-    sum += e;
-  }
-  const float p_scale = ic / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) z[j] *= p_scale;
-  z[label] -= ic;
-  return mx + std::log(sum) - z_label;
-}
-
-// xent_row for a bf16 row: the same float arithmetic on the logits converted exactly, the exps
-// kept in e[0:V] (fp32 scratch), the gradient rounded to bf16 once into z (as the fp32 row's
-// gradient copied to bf16 would be).
-MK_TARGET_CLONES float xent_row_bf16(bf16_t* z, float* e, int64_t V, int64_t label, float ic) {
-  float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < V; ++j) mx = std::max(mx, bf16_to_float(z[j]));
-  const float z_label = bf16_to_float(z[label]);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < V; ++j) {
-    const float ej = exp_nonpositive(bf16_to_float(z[j]) - mx);
+    const float ej = exp_nonpositive(load(z[j]) - mx);
     e[j] = ej;
     sum += ej;
   }
   const float p_scale = ic / sum;
   const float g_label = e[label] * p_scale - ic;
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) z[j] = float_to_bf16(e[j] * p_scale);
-  z[label] = float_to_bf16(g_label);
+  for (int64_t j = 0; j < V; ++j) store(z + j, e[j] * p_scale);
+  store(z + label, g_label);
   return mx + std::log(sum) - z_label;
+}
+
+// The exp loop is compute-bound, so GCC compiles each twice, for AVX2 + FMA (x86-64-v3) and for
+// baseline x86-64, and the loader picks by CPU.
+MK_TARGET_CLONES float xent_row(float* z, int64_t V, int64_t label, float ic) {
+  return xent_row_impl(z, z, V, label, ic);
+}
+
+MK_TARGET_CLONES float xent_row(bf16_t* z, float* e, int64_t V, int64_t label, float ic) {
+  return xent_row_impl(z, e, V, label, ic);
 }
 
 // Every row of logits [rows, V] (all labelled), in parallel; row_loss[i] = its cross-entropy.
@@ -93,10 +84,10 @@ void xent_rows(bf16_t* logits, int64_t rows, int64_t V, const int64_t* labels,
                const float* inv_count, float* row_loss) {
 #pragma omp parallel if (rows * V >= kMinParallelElems)
   {
-    std::vector<float> e(static_cast<size_t>(V));
+    std::vector<float> e(static_cast<size_t>(V));   // the thread's scratch row
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      row_loss[i] = xent_row_bf16(logits + i * V, e.data(), V, labels[i], inv_count[i]);
+      row_loss[i] = xent_row(logits + i * V, e.data(), V, labels[i], inv_count[i]);
     }
   }
 }

@@ -62,6 +62,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a checkpoint directory or file."""
+    return _read_checkpoint(path, with_tensors=True)
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """The metadata of a checkpoint directory or file, without reading its tensors."""
+    return _read_checkpoint(path, with_tensors=False)[1]
+
+
+def _read_checkpoint(path: str | Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -72,7 +81,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("metakernels", "{}"))
-        return load_file(str(file)), meta
+        return (load_file(str(file)) if with_tensors else {}), meta
     except (SafetensorError, json.JSONDecodeError) as e:
         raise UserError(f"{file}: not a readable checkpoint ({e}); give a checkpoint that "
                         f"python -m metakernels.train wrote") from None

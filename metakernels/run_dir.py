@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import checkpoint_meta, latest_checkpoint
 from .config import Config, config_from_dict, setting_names
 from .errors import UserError
 
@@ -94,7 +94,7 @@ def prepare_run_dir(cfg: Config) -> Path | None:
                 print(f"trainer.resume=true: no checkpoint in {run}; starting from step 0",
                       file=sys.stderr, flush=True)
             return None
-        _, meta = load_checkpoint(ckpt)
+        meta = checkpoint_meta(ckpt)   # the tensors are read once, by Trainer.resume
         if "config" not in meta:
             raise UserError(f"trainer.resume=true: {ckpt} has no config in its metadata; give "
                             f"another trainer.experiment_name for a new run")

@@ -299,3 +299,27 @@ def interrupted_at(monkeypatch, step: int):
             yield
     finally:
         monkeypatch.setattr(Trainer, "train_step", real)
+
+
+def train_run(tmp_path, args, *overrides, name="run"):
+    """``python -m metakernels.train`` in this process with ``args`` and ``overrides``, in the run
+    directory ``tmp_path / name``, which it returns; the command must succeed."""
+    from metakernels import train
+
+    assert train.main([*args, f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}",
+                       *overrides]) == 0
+    return tmp_path / name
+
+
+def resumed_and_unbroken(tmp_path, monkeypatch, args, step: int):
+    """The run of ``args`` unbroken, and again stopped at ``step`` and resumed with
+    ``trainer.resume=true``: (the unbroken run's newest checkpoint tensors, the resumed run's,
+    the resumed run's directory)."""
+    from metakernels.checkpoint import latest_checkpoint, load_checkpoint
+
+    full = train_run(tmp_path, args, name="full")
+    with interrupted_at(monkeypatch, step):
+        train_run(tmp_path, args, name="broken")
+    broken = train_run(tmp_path, args, "trainer.resume=true", name="broken")
+    return (load_checkpoint(latest_checkpoint(full))[0],
+            load_checkpoint(latest_checkpoint(broken))[0], broken)

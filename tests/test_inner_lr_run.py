@@ -12,7 +12,7 @@ from metakernels import train
 from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.export import export_checkpoint
 
-from conftest import interrupted_at
+from conftest import resumed_and_unbroken, train_run
 
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
          "model.num_kv_heads=1", "model.intermediate_size=64", "model.lora_rank=4",
@@ -24,10 +24,7 @@ SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
 
 
 def _run(tmp_path, *overrides, name="run"):
-    args = SMALL + [f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}",
-                    *overrides]
-    assert train.main(args) == 0
-    return tmp_path / name
+    return train_run(tmp_path, SMALL, *overrides, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +48,7 @@ def test_rates_are_trained_logged_and_checkpointed(run_dir):
 
 def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch, capsys):
     common = ["trainer.total_steps=4", "trainer.save_every=2"]
-    full = _run(tmp_path, *common, name="full")
-    with interrupted_at(monkeypatch, 2):
-        _run(tmp_path, *common, name="broken")
-    broken = _run(tmp_path, *common, "trainer.resume=true", name="broken")
-    a = load_checkpoint(latest_checkpoint(full))[0]
-    b = load_checkpoint(latest_checkpoint(broken))[0]
+    a, b, _ = resumed_and_unbroken(tmp_path, monkeypatch, SMALL + common, 2)
     for key in ("theta", "inner_lr", "outer_inner_lr/exp_avg_sq", "outer/exp_avg"):
         assert torch.equal(a[key], b[key]), key
     capsys.readouterr()

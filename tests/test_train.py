@@ -11,7 +11,7 @@ from metakernels.checkpoint import latest_checkpoint, load_checkpoint
 from metakernels.config import ConfigError, load_config
 from metakernels.export import export_checkpoint
 
-from conftest import MODEL_TOL, interrupted_at
+from conftest import MODEL_TOL, resumed_and_unbroken, train_run
 
 SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
          "meta.meta_batch_size=3", "data.support_size=2", "data.query_size=2",
@@ -19,10 +19,7 @@ SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=
 
 
 def _run(tmp_path, *overrides, name="run"):
-    args = SMALL + [f"trainer.output_dir={tmp_path}", f"trainer.experiment_name={name}",
-                    *overrides]
-    assert train.main(args) == 0
-    return tmp_path / name
+    return train_run(tmp_path, SMALL, *overrides, name=name)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -117,13 +114,8 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path):
 def test_resume_matches_an_unbroken_run(tmp_path, monkeypatch):
     common = ["trainer.total_steps=6", "trainer.save_every=3", "meta.inner_optimizer=adam",
               "model.lora_dropout=0.1", "meta.task_sampling=loss"]
-    full = _run(tmp_path, *common, name="full")
-    # the same run interrupted after its step-3 checkpoint, then resumed
-    with interrupted_at(monkeypatch, 3):
-        _run(tmp_path, *common, name="broken")
-    broken = _run(tmp_path, *common, "trainer.resume=true", name="broken")
-    a = load_checkpoint(latest_checkpoint(full))[0]
-    b = load_checkpoint(latest_checkpoint(broken))[0]
+    # the run interrupted after its step-3 checkpoint, then resumed
+    a, b, broken = resumed_and_unbroken(tmp_path, monkeypatch, SMALL + common, 3)
     assert torch.equal(a["theta"], b["theta"])
     assert torch.equal(a["outer/exp_avg_sq"], b["outer/exp_avg_sq"])
     rows = [json.loads(ln) for ln in (broken / "metrics.jsonl").read_text().splitlines()]
